@@ -1,0 +1,590 @@
+"""RWKV-7 ("Goose") for transformers, as remote code next to the fla-hub checkpoints.
+
+The math is the official RWKV-7 x070 forward (BlinkDL's `rwkv` package, `rwkv/model.py`); the weight names are
+flash-linear-attention's, so fla-hub safetensors load as they are. Per layer, in order:
+
+    x = pre_norm(embeddings)                         layer 0 only (the official ln0)
+    x = x + attn(attn_norm(x))                       time mix: token shift, WKV-7 recurrence, GroupNorm, gate
+    x = x + ffn(ffn_norm(x))                         channel mix: token shift, relu(.)^2
+    logits = lm_head(norm(x))                        head not tied to the embeddings
+
+The recurrence and the elementwise ops live in the `kernels/` folder beside this file: Triton on CUDA, plain
+PyTorch elsewhere (see `load_kernels` for how this file finds that folder).
+"""
+
+import hashlib
+import importlib.util
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+try:  # as remote code, transformers imports this file inside a package
+    from .configuration_rwkv7 import RWKV7Config
+except ImportError:  # imported straight from a source checkout
+    from configuration_rwkv7 import RWKV7Config
+
+
+logger = logging.get_logger(__name__)
+
+# The bundled kernels/ package, imported by load_kernels() when the first model is built.
+kernels = None
+
+
+def _repo_folder(name_or_path, commit_hash, allow_patterns):
+    """The folder holding `name_or_path`'s files: the folder itself, or the Hub snapshot at `commit_hash`.
+
+    For a Hub repo the files matching `allow_patterns` are fetched if they are not in the cache yet (offline, the
+    cache must have them), always at the commit transformers loaded the config from.
+    """
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=name_or_path, revision=commit_hash, allow_patterns=allow_patterns))
+
+
+def load_kernels(config=None):
+    """Imports the `kernels/` package that ships with this file and binds it to this module's `kernels` name.
+
+    transformers' remote-code loader copies only the flat .py files of a model repo into its module cache, so a
+    package import would fail there. The folder is found on disk instead, in this order:
+      1. next to this file (a source checkout, or a copy that kept the folder);
+      2. in the local folder the model was loaded from (`config.name_or_path`);
+      3. in the Hub repo the config came from, at the same commit (`config._commit_hash`), so modeling file and
+         kernels always match; with HF_HUB_OFFLINE=1 it comes from the cache.
+    It is imported under a name unique to its path, so two model revisions in one process keep their own kernels.
+    """
+    global kernels
+    if kernels is not None:
+        return kernels
+    folder = Path(__file__).resolve().parent / "kernels"
+    if not (folder / "__init__.py").is_file():
+        name_or_path = getattr(config, "name_or_path", "") or ""
+        if not name_or_path:
+            raise ImportError(
+                "modeling_rwkv7.py cannot find its kernels/ folder: it is not next to this file and the config does "
+                "not say where the model came from. Load the model with from_pretrained(path_or_repo_id, "
+                "trust_remote_code=True), or keep kernels/ next to modeling_rwkv7.py."
+            )
+        folder = _repo_folder(name_or_path, getattr(config, "_commit_hash", None), ["kernels/*.py"]) / "kernels"
+        if not (folder / "__init__.py").is_file():
+            raise ImportError(
+                f"{name_or_path} has no kernels/ folder next to modeling_rwkv7.py (looked in {folder.parent}). "
+                "Upload the whole RWKV-7 code package (upload_to_hub.py update-code) to that repo."
+            )
+    module_name = "rwkv7_kernels_" + hashlib.sha1(str(folder).encode()).hexdigest()[:16]
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            module_name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    kernels = sys.modules[module_name]
+    return kernels
+
+
+class RWKV7Cache(Cache):
+    """The recurrent state of every layer: what RWKV-7 carries from one call to the next.
+
+    Per layer: `wkv` [B, H, K, V] float32 (the WKV state, fla's layout: the transpose of the official [H, V, K]),
+    `attn_shift` and `ffn_shift` [B, C] (the last token's normalised input to the time and channel mix).
+
+    The state stands for every token seen so far, so a call with a cache passes only the tokens that follow
+    (in `generate` too: pass the new tokens and the cache). Copy a cache with `copy.deepcopy` to branch from it;
+    a forward updates the cache it is given in place.
+    """
+
+    is_compileable = False
+
+    def __init__(self):
+        if isinstance(self, nn.Module):  # transformers < 4.53: Cache is an nn.Module
+            nn.Module.__init__(self)
+        self.wkv: list[torch.Tensor] = []
+        self.attn_shift: list[torch.Tensor] = []
+        self.ffn_shift: list[torch.Tensor] = []
+        self.seen_tokens = 0  # tokens the state has consumed (padding included)
+
+    def __len__(self):
+        return len(self.wkv)
+
+    def __repr__(self):
+        return f"RWKV7Cache(layers={len(self)}, batch_size={self.batch_size}, seen_tokens={self.seen_tokens})"
+
+    @property
+    def batch_size(self):
+        return self.wkv[0].shape[0] if self.wkv else 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Always 0. `generate` asks how many of the given tokens the cache already holds, to skip them; an RWKV
+        cache holds none of the tokens it is given (see the class docstring). `seen_tokens` counts what it holds."""
+        return 0
+
+    def layer_states(self, layer_idx, batch_size, config, device, dtype):
+        """(wkv, attn_shift, ffn_shift) of one layer; zeros before the layer's first update."""
+        if layer_idx == len(self.wkv):
+            H, N, C = config.num_heads, config.head_dim, config.hidden_size
+            return (
+                torch.zeros(batch_size, H, N, N, dtype=torch.float32, device=device),
+                torch.zeros(batch_size, C, dtype=dtype, device=device),
+                torch.zeros(batch_size, C, dtype=dtype, device=device),
+            )
+        if self.wkv[layer_idx].shape[0] != batch_size:
+            raise ValueError(
+                f"the cache holds {self.wkv[layer_idx].shape[0]} sequences but the input has {batch_size}; "
+                "use cache.batch_repeat_interleave(n) to branch each state into n rows"
+            )
+        return self.wkv[layer_idx], self.attn_shift[layer_idx], self.ffn_shift[layer_idx]
+
+    def update_layer(self, layer_idx, wkv, attn_shift, ffn_shift):
+        if layer_idx == len(self.wkv):
+            self.wkv.append(wkv)
+            self.attn_shift.append(attn_shift)
+            self.ffn_shift.append(ffn_shift)
+        else:
+            self.wkv[layer_idx], self.attn_shift[layer_idx], self.ffn_shift[layer_idx] = wkv, attn_shift, ffn_shift
+
+    def _apply_to_all(self, fn):
+        for states in (self.wkv, self.attn_shift, self.ffn_shift):
+            states[:] = [fn(s) for s in states]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Beam search: row i of the new cache is row beam_idx[i] of the old one."""
+        self._apply_to_all(lambda s: s.index_select(0, beam_idx.to(s.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._apply_to_all(lambda s: s.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._apply_to_all(lambda s: s[indices.to(s.device)])
+
+    def crop(self, max_length: int):
+        raise NotImplementedError(
+            "An RWKV-7 state cannot be rewound to an earlier token; keep a copy.deepcopy of the cache instead."
+        )
+
+    def reset(self):
+        self._apply_to_all(torch.zeros_like)
+        self.seen_tokens = 0
+
+
+class LoRA(nn.Module):
+    """x -> act(x A) B (+ bias): the low-rank projections of the time mix (fla's `lora.0`, `lora.2`)."""
+
+    def __init__(self, dim: int, rank: int, activation: nn.Module, bias: bool):
+        super().__init__()
+        self.lora = nn.Sequential(nn.Linear(dim, rank, bias=False), activation, nn.Linear(rank, dim, bias=bias))
+
+    def forward(self, x):
+        return self.lora(x)
+
+
+class RWKV7TimeMix(nn.Module):
+    """The attention replacement: six token-shift lerps, the LoRAs, the WKV-7 recurrence, GroupNorm, the gate."""
+
+    def __init__(self, config: RWKV7Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        C, H, N = config.hidden_size, config.num_heads, config.head_dim
+        self.num_heads, self.head_dim = H, N
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (
+            nn.Parameter(torch.empty(1, 1, C)) for _ in range(6)
+        )
+        self.k_k = nn.Parameter(torch.empty(C))
+        self.k_a = nn.Parameter(torch.empty(C))
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.r_proj = nn.Linear(C, C, bias=False)
+        self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, C, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        self.w_lora = LoRA(C, config.decay_low_rank_dim, nn.Tanh(), bias=True)
+        self.a_lora = LoRA(C, config.a_low_rank_dim, nn.Identity(), bias=True)
+        if layer_idx > 0:  # layer 0 produces v_first; the others mix it in
+            self.v_lora = LoRA(C, config.v_low_rank_dim, nn.Identity(), bias=True)
+        self.g_lora = LoRA(C, config.gate_low_rank_dim, nn.Sigmoid(), bias=False)
+        self.g_norm = nn.GroupNorm(H, C, eps=N * config.norm_eps)
+
+    def forward(self, x, v_first, wkv_state, shift_state, attention_mask):
+        """x [B, T, C] (normalised); wkv_state [B, H, K, V] float32 or None (zeros); shift_state [B, C].
+
+        Returns (output, v_first, new wkv_state, new shift_state). Decoding (one token, no autograd) updates
+        wkv_state in place and returns it; otherwise the new state is a new tensor (None when wkv_state is None
+        and no state is wanted, i.e. without a cache).
+        """
+        B, T, C = x.shape
+        H, N = self.num_heads, self.head_dim
+        x_prev, last_x = kernels.token_shift(x, shift_state, attention_mask)
+        xx = x_prev - x
+        x_r, x_w, x_k, x_v, x_a, x_g = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+        r = self.r_proj(x_r)
+        # log of the decay, in float32 at least (bf16 would round decays near 1 to 1 and distort long memory):
+        # decay = exp(-exp(-0.5) * sigmoid(w0 + tanh(x_w W1) W2)) lies in (0.545, 1)
+        w = -math.exp(-0.5) * torch.sigmoid(self.w_lora(x_w).to(torch.promote_types(x.dtype, torch.float32)))
+        k = self.k_proj(x_k)
+        v = self.v_proj(x_v)
+        a = torch.sigmoid(self.a_lora(x_a))
+        g = self.g_lora(x_g)
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_idx == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v_lora(x_v))
+
+        r, w, k, v, a = (t.view(B, T, H, N) for t in (r, w, k, v, a))
+        if attention_mask is not None:
+            # a padded position leaves the state as it was: no decay (w = 0), no write (k = 0), no transition (kk = 0)
+            keep = attention_mask.view(B, T, 1, 1)
+            w, k, kk = w * keep, k * keep.to(k.dtype), kk * keep.to(kk.dtype)
+
+        if wkv_state is not None and T == 1 and not torch.is_grad_enabled():
+            o = kernels.wkv7_decode_(r, w, k, v, -kk, kk * a, wkv_state)
+        else:
+            o, wkv_state = kernels.wkv7(
+                r, w, k, v, -kk, kk * a, initial_state=wkv_state, output_final_state=wkv_state is not None
+            )
+
+        y = kernels.group_norm_bonus(o, r, k, v, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps)
+        return self.o_proj(y * g), v_first, wkv_state, last_x
+
+
+class RWKV7ChannelMix(nn.Module):
+    """The feed-forward: a token-shift lerp, then relu(x W_key)^2 W_value."""
+
+    def __init__(self, config: RWKV7Config):
+        super().__init__()
+        self.x_k = nn.Parameter(torch.empty(config.hidden_size))
+        self.key = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.value = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x, shift_state, attention_mask):
+        """x [B, T, C] (normalised), shift_state [B, C]. Returns (output, new shift_state)."""
+        x_prev, last_x = kernels.token_shift(x, shift_state, attention_mask)
+        k = x + (x_prev - x) * self.x_k
+        return self.value(torch.relu(self.key(k)) ** 2), last_x
+
+
+class RWKV7Block(nn.Module):
+    def __init__(self, config: RWKV7Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        if config.norm_first and layer_idx == 0:
+            self.pre_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        self.attn = RWKV7TimeMix(config, layer_idx)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        self.ffn = RWKV7ChannelMix(config)
+
+    def forward(self, x, v_first, wkv_state, attn_shift, ffn_shift, attention_mask):
+        """Returns (x, v_first, new wkv_state, new attn_shift, new ffn_shift)."""
+        if hasattr(self, "pre_norm"):
+            x = self.pre_norm(x)
+        h, v_first, wkv_state, attn_shift = self.attn(self.attn_norm(x), v_first, wkv_state, attn_shift, attention_mask)
+        x = x + h
+        h, ffn_shift = self.ffn(self.ffn_norm(x), ffn_shift, attention_mask)
+        return x + h, v_first, wkv_state, attn_shift, ffn_shift
+
+
+class RWKV7PreTrainedModel(PreTrainedModel):
+    config_class = RWKV7Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RWKV7Block"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _is_stateful = True  # generate: the state cannot be rewound, so assisted decoding is refused
+    _supports_cache_class = True
+
+    def __init__(self, config: RWKV7Config, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        load_kernels(config)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Initialisation for training from scratch, after the official RWKV-7 recipe (RWKV-LM, RWKV-v7/train_temp).
+        Loading a checkpoint never relies on it: a missing weight is an error (see from_pretrained)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            module.weight.fill_(1.0)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, (RWKV7TimeMix, RWKV7ChannelMix)):
+            L = self.config.num_hidden_layers
+            layer_idx = getattr(module, "layer_idx", 0)
+            ratio_1_to_almost0 = 1.0 - layer_idx / L
+            channel = torch.arange(self.config.hidden_size, dtype=torch.float32) / self.config.hidden_size
+            if isinstance(module, RWKV7ChannelMix):
+                module.x_k.copy_(1.0 - channel ** (ratio_1_to_almost0**4))
+                return
+            ratio_0_to_1 = layer_idx / max(L - 1, 1)
+            for mix, power in [("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)]:
+                getattr(module, mix).copy_((1.0 - channel ** (power * ratio_1_to_almost0)).view(1, 1, -1))
+            C = self.config.hidden_size
+            decay_speed = -7 + 5 * (torch.arange(C) / max(C - 1, 1)) ** (0.85 + ratio_0_to_1**0.5)
+            module.w_lora.lora[2].bias.copy_(decay_speed + 0.5)
+            module.k_k.fill_(0.85)
+            module.k_a.fill_(1.0)
+            module.r_k.fill_(-0.04)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained, made strict: every weight the model needs must be in the checkpoint.
+
+        Older fla-hub uploads pack the six token-shift mixes of each layer into one `attn.x_x` [6, C] tensor (rows
+        r, w, k, v, a, g); they are unpacked here, after loading, because no loading hook of transformers runs
+        for remote code in every version. Official variants this package does not implement are refused.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        # transformers' own report would call unpacked x_x mixes "newly initialized"; every mismatch raises below
+        loading_logger = logging.get_logger("transformers.modeling_utils")
+        level = loading_logger.level
+        loading_logger.setLevel(logging.ERROR)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        finally:
+            loading_logger.setLevel(level)
+        missing, unexpected = set(info["missing_keys"]), set(info["unexpected_keys"])
+
+        deep_embed = sorted(k for k in unexpected if re.search(r"\.ffn\.(s_emb|s_emb_x|s0|s1|s2)(\.|$)", k))
+        if deep_embed:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is an RWKV-7 DeepEmbed variant ({', '.join(deep_embed[:4])}, ...), "
+                "which this package does not implement."
+            )
+        packed = {k for k in unexpected if k.endswith("attn.x_x")}
+        if packed:
+            # transformers initialised the modules whose x_* it could not find (overwriting some loaded neighbours),
+            # so load the whole checkpoint again, unpacked, strictly.
+            model.load_state_dict(_read_unpacked_checkpoint(model), strict=True)
+            missing = {k for k in missing if not re.search(r"attn\.x_[rwkvag]$", k)}
+            unexpected -= packed
+        if missing or unexpected:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} does not match the RWKV-7 layout this code expects. "
+                f"Missing weights: {sorted(missing) or 'none'}. Unexpected weights: {sorted(unexpected) or 'none'}. "
+                "Check that config.json describes the checkpoint (hidden_size, num_hidden_layers, the LoRA ranks)."
+            )
+        info["missing_keys"], info["unexpected_keys"] = [], []
+        return (model, info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves as transformers does, plus the kernels/ folder, so the saved folder loads with its own code."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        shutil.copytree(
+            Path(kernels.__file__).parent,
+            Path(save_directory) / "kernels",
+            ignore=shutil.ignore_patterns("__pycache__"),
+            dirs_exist_ok=True,
+        )
+
+
+def _read_unpacked_checkpoint(model):
+    """The state dict of the checkpoint `model` was loaded from (safetensors or PyTorch .bin files), with each
+    packed `attn.x_x` [6, C] split into attn.x_r, x_w, x_k, x_v, x_a, x_g [1, 1, C], named for `model`."""
+    config = model.config
+    folder = _repo_folder(config.name_or_path, getattr(config, "_commit_hash", None), ["*.safetensors", "*.bin"])
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+    for path in sorted(folder.glob("*.bin")):
+        state.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    for key in [k for k in state if k.endswith("attn.x_x")]:
+        for row, name in zip(state.pop(key).reshape(6, 1, 1, -1), ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")):
+            state[key.removesuffix("x_x") + name] = row
+    if model.base_model is model:  # RWKV7Model: the files name its weights with the "model." prefix
+        state = {k.removeprefix(model.base_model_prefix + "."): v for k, v in state.items()}
+    return state
+
+
+class RWKV7Model(RWKV7PreTrainedModel):
+    def __init__(self, config: RWKV7Config):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([RWKV7Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: RWKV7Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask [B, T] or [B, S >= T] (generate passes the
+        mask of the whole sequence so far: its last T columns belong to this call), 1 = token, 0 = padding."""
+        if output_attentions:
+            raise ValueError("RWKV-7 has no attention weights to output; call it with output_attentions=False")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+            use_cache = False
+        if past_key_values is not None and not isinstance(past_key_values, RWKV7Cache):
+            raise TypeError(f"past_key_values must be an RWKV7Cache (returned by this model), got {type(past_key_values)}")
+
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+                raise ValueError(f"attention_mask must be [batch, >= {T}] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask[:, -T:]
+        cache = past_key_values if past_key_values is not None else (RWKV7Cache() if use_cache else None)
+
+        all_hidden_states = () if output_hidden_states else None
+        v_first = None
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (x,)
+            if cache is not None:
+                wkv, attn_shift, ffn_shift = cache.layer_states(i, B, self.config, x.device, x.dtype)
+            else:
+                wkv, attn_shift, ffn_shift = None, x.new_zeros(B, x.shape[-1]), x.new_zeros(B, x.shape[-1])
+            if self.gradient_checkpointing and self.training:
+                outputs = self._gradient_checkpointing_func(
+                    layer.__call__, x, v_first, wkv, attn_shift, ffn_shift, attention_mask
+                )
+            else:
+                outputs = layer(x, v_first, wkv, attn_shift, ffn_shift, attention_mask)
+            x, v_first, wkv, attn_shift, ffn_shift = outputs
+            if cache is not None:
+                cache.update_layer(i, wkv, attn_shift, ffn_shift)
+        x = self.norm(x)
+        if output_hidden_states:
+            all_hidden_states += (x,)
+        if cache is not None:
+            cache.seen_tokens += T
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=x, past_key_values=cache if use_cache else None, hidden_states=all_hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
+    def __init__(self, config: RWKV7Config):
+        super().__init__(config)
+        self.model = RWKV7Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: RWKV7Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ):
+        """labels [B, T]: the loss is next-token cross entropy, shifted inside; label -100 is ignored.
+        logits_to_keep: compute logits for the last n positions only (0: all)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        cache_position=None,
+        next_sequence_length=None,
+        is_first_iteration=None,
+        **kwargs,
+    ):
+        """What each step of `generate` feeds the model: the whole prompt first, then only the new token(s).
+
+        The prompt is everything generate was given (with a cache: the tokens that follow the cached state).
+        transformers 5 marks the first step with `is_first_iteration`; 4.x starts `cache_position` at 0 there.
+        """
+        if is_first_iteration is None:
+            is_first_iteration = cache_position is None or int(cache_position[0]) == 0
+        model_inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask}
+        if inputs_embeds is not None and is_first_iteration:
+            model_inputs["inputs_embeds"] = inputs_embeds
+        elif past_key_values is None or is_first_iteration:
+            model_inputs["input_ids"] = input_ids
+        else:
+            model_inputs["input_ids"] = input_ids[:, -(next_sequence_length or 1) :]
+        kwargs.pop("position_ids", None)
+        model_inputs.update(kwargs)
+        return model_inputs
