@@ -42,17 +42,26 @@ logger = logging.get_logger(__name__)
 kernels = None
 
 
-def _repo_folder(name_or_path, commit_hash, allow_patterns):
-    """The folder holding `name_or_path`'s files: the folder itself, or the Hub snapshot at `commit_hash`.
+def _repo_folder(name_or_path, revision, allow_patterns, cache_dir=None):
+    """The folder holding `name_or_path`'s files: the folder itself, or the Hub snapshot at `revision`.
 
     For a Hub repo the files matching `allow_patterns` are fetched if they are not in the cache yet (offline, the
-    cache must have them), always at the commit transformers loaded the config from.
+    cache must have them).
     """
     if os.path.isdir(name_or_path):
         return Path(name_or_path)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id=name_or_path, revision=commit_hash, allow_patterns=allow_patterns))
+    return Path(
+        snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=allow_patterns, cache_dir=cache_dir)
+    )
+
+
+def _commit_of_this_file():
+    """The Hub commit this file came from: transformers copies a Hub repo's code into a folder named after the
+    commit it was downloaded at (in every version from 4.x to 5.x). None for a file that is not such a copy."""
+    name = Path(__file__).resolve().parent.name
+    return name if re.fullmatch(r"[0-9a-f]{40}", name) else None
 
 
 def load_kernels(config=None):
@@ -62,8 +71,8 @@ def load_kernels(config=None):
     package import would fail there. The folder is found on disk instead, in this order:
       1. next to this file (a source checkout, or a copy that kept the folder);
       2. in the local folder the model was loaded from (`config.name_or_path`);
-      3. in the Hub repo the config came from, at the same commit (`config._commit_hash`), so modeling file and
-         kernels always match; with HF_HUB_OFFLINE=1 it comes from the cache.
+      3. in the Hub repo the config came from, at the commit this file came from, so modeling file and kernels
+         always match; with HF_HUB_OFFLINE=1 it comes from the cache.
     It is imported under a name unique to its path, so two model revisions in one process keep their own kernels.
     """
     global kernels
@@ -78,7 +87,7 @@ def load_kernels(config=None):
                 "not say where the model came from. Load the model with from_pretrained(path_or_repo_id, "
                 "trust_remote_code=True), or keep kernels/ next to modeling_rwkv7.py."
             )
-        folder = _repo_folder(name_or_path, getattr(config, "_commit_hash", None), ["kernels/*.py"]) / "kernels"
+        folder = _repo_folder(name_or_path, _commit_of_this_file(), ["kernels/*.py"]) / "kernels"
         if not (folder / "__init__.py").is_file():
             raise ImportError(
                 f"{name_or_path} has no kernels/ folder next to modeling_rwkv7.py (looked in {folder.parent}). "
@@ -119,13 +128,13 @@ class RWKV7Cache(Cache):
         self.wkv: list[torch.Tensor] = []
         self.attn_shift: list[torch.Tensor] = []
         self.ffn_shift: list[torch.Tensor] = []
-        self.seen_tokens = 0  # tokens the state has consumed (padding included)
+        self.num_seen_tokens = 0  # tokens the state has consumed (padding included)
 
     def __len__(self):
         return len(self.wkv)
 
     def __repr__(self):
-        return f"RWKV7Cache(layers={len(self)}, batch_size={self.batch_size}, seen_tokens={self.seen_tokens})"
+        return f"RWKV7Cache(layers={len(self)}, batch_size={self.batch_size}, num_seen_tokens={self.num_seen_tokens})"
 
     @property
     def batch_size(self):
@@ -133,7 +142,7 @@ class RWKV7Cache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Always 0. `generate` asks how many of the given tokens the cache already holds, to skip them; an RWKV
-        cache holds none of the tokens it is given (see the class docstring). `seen_tokens` counts what it holds."""
+        cache holds none of the tokens it is given (see the class docstring). `num_seen_tokens` counts what it holds."""
         return 0
 
     def layer_states(self, layer_idx, batch_size, config, device, dtype):
@@ -181,7 +190,7 @@ class RWKV7Cache(Cache):
 
     def reset(self):
         self._apply_to_all(torch.zeros_like)
-        self.seen_tokens = 0
+        self.num_seen_tokens = 0
 
 
 class LoRA(nn.Module):
@@ -310,7 +319,7 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["RWKV7Block"]
     _skip_keys_device_placement = ["past_key_values"]
     _is_stateful = True  # generate: the state cannot be rewound, so assisted decoding is refused
-    _supports_cache_class = True
+    _supports_cache_class = False  # transformers 4.4x: do not make a DynamicCache for this model in generate
 
     def __init__(self, config: RWKV7Config, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
@@ -380,7 +389,10 @@ class RWKV7PreTrainedModel(PreTrainedModel):
         if packed:
             # transformers initialised the modules whose x_* it could not find (overwriting some loaded neighbours),
             # so load the whole checkpoint again, unpacked, strictly.
-            model.load_state_dict(_read_unpacked_checkpoint(model), strict=True)
+            folder = _repo_folder(
+                pretrained_model_name_or_path, kwargs.get("revision"), ["*.safetensors", "*.bin"], kwargs.get("cache_dir")
+            )
+            model.load_state_dict(_read_unpacked_checkpoint(model, folder), strict=True)
             missing = {k for k in missing if not re.search(r"attn\.x_[rwkvag]$", k)}
             unexpected -= packed
         if missing or unexpected:
@@ -393,7 +405,11 @@ class RWKV7PreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves as transformers does, plus the kernels/ folder, so the saved folder loads with its own code."""
+        """Saves as transformers does, with this code: the .py files, `auto_map` and the kernels/ folder, so the saved
+        folder loads with `trust_remote_code=True` (also for a model built from this source checkout)."""
+        if self._auto_class is None:  # transformers registers remote-code classes itself only from 4.50 on
+            self.register_for_auto_class("AutoModelForCausalLM" if isinstance(self, GenerationMixin) else "AutoModel")
+            self.config.register_for_auto_class()
         super().save_pretrained(save_directory, *args, **kwargs)
         shutil.copytree(
             Path(kernels.__file__).parent,
@@ -403,11 +419,9 @@ class RWKV7PreTrainedModel(PreTrainedModel):
         )
 
 
-def _read_unpacked_checkpoint(model):
-    """The state dict of the checkpoint `model` was loaded from (safetensors or PyTorch .bin files), with each
-    packed `attn.x_x` [6, C] split into attn.x_r, x_w, x_k, x_v, x_a, x_g [1, 1, C], named for `model`."""
-    config = model.config
-    folder = _repo_folder(config.name_or_path, getattr(config, "_commit_hash", None), ["*.safetensors", "*.bin"])
+def _read_unpacked_checkpoint(model, folder):
+    """The state dict of the checkpoint in `folder` (safetensors or PyTorch .bin files), with each packed
+    `attn.x_x` [6, C] split into attn.x_r, x_w, x_k, x_v, x_a, x_g [1, 1, C], named for `model`."""
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
@@ -496,7 +510,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (x,)
         if cache is not None:
-            cache.seen_tokens += T
+            cache.num_seen_tokens += T
 
         output = BaseModelOutputWithPast(
             last_hidden_state=x, past_key_values=cache if use_cache else None, hidden_states=all_hidden_states
@@ -574,14 +588,17 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         """What each step of `generate` feeds the model: the whole prompt first, then only the new token(s).
 
         The prompt is everything generate was given (with a cache: the tokens that follow the cached state).
-        transformers 5 marks the first step with `is_first_iteration`; 4.x starts `cache_position` at 0 there.
+        transformers 5 marks the first step with `is_first_iteration` and later ones with `next_sequence_length`;
+        4.x passes `cache_position`, which starts at 0 on the first step.
         """
-        if is_first_iteration is None:
-            is_first_iteration = cache_position is None or int(cache_position[0]) == 0
+        if cache_position is not None:
+            first_step = int(cache_position[0]) == 0
+        else:
+            first_step = bool(is_first_iteration) or next_sequence_length is None
         model_inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask}
-        if inputs_embeds is not None and is_first_iteration:
+        if inputs_embeds is not None and first_step:
             model_inputs["inputs_embeds"] = inputs_embeds
-        elif past_key_values is None or is_first_iteration:
+        elif past_key_values is None or first_step:
             model_inputs["input_ids"] = input_ids
         else:
             model_inputs["input_ids"] = input_ids[:, -(next_sequence_length or 1) :]

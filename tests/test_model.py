@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 from official import official_math_fp64, official_model, random_official_weights, to_fla, write_model_dir
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
 from configuration_rwkv7 import RWKV7Config
@@ -17,6 +19,8 @@ SHAPES = {
     "256x3-ranks": dict(hidden=256, layers=3, head_dim=64, ranks=(24, 40, 12, 56), ffn=640),
     "4heads-5layers": dict(hidden=256, layers=5, head_dim=64, ranks=(8, 8, 8, 16)),
 }
+# from_pretrained's dtype argument: `torch_dtype` before transformers 4.56, `dtype` after
+DTYPE_ARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 TOKENS = [5, 17, 3, 90, 42, 42, 7, 0, 61, 12, 33, 8]
 
 
@@ -109,7 +113,7 @@ def test_sequence_equals_pieces_with_cache_equals_token_by_token():
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-5)
-    assert cache.seen_tokens == 11 and len(cache) == 3
+    assert cache.num_seen_tokens == 11 and len(cache) == 3
 
 
 def test_packed_x_x_layout_loads_to_the_same_logits(tmp_path):
@@ -130,13 +134,13 @@ def test_save_and_load_round_trip(tmp_path, dtype):
     official = random_official_weights(hidden=128, layers=2, seed=5)
     reference = build_model(official)
     folder = write_model_dir(tmp_path / "src", official, dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **{DTYPE_ARG: dtype})
     assert {p.dtype for p in model.parameters()} == {dtype}
     model.save_pretrained(tmp_path / "saved")
     saved_config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved_config["auto_map"]["AutoModelForCausalLM"] == "modeling_rwkv7.RWKV7ForCausalLM"
     assert (tmp_path / "saved" / "kernels" / "wkv7_reference.py").is_file()
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True, dtype=dtype)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True, **{DTYPE_ARG: dtype})
     for (name, p), (name2, p2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert name == name2 and torch.equal(p, p2), name
 
@@ -189,7 +193,7 @@ def test_cache_copies_are_independent_and_reorderable():
         two = model(torch.tensor([TOKENS[:6], TOKENS[6:]]), use_cache=True).past_key_values
         two.reorder_cache(torch.tensor([1, 1]))
         torch.testing.assert_close(two.wkv[1][0], two.wkv[1][1])
-        assert two.get_seq_length() == 0 and two.seen_tokens == 6
+        assert two.get_seq_length() == 0 and two.num_seen_tokens == 6
         with pytest.raises(ValueError, match="batch_repeat_interleave"):
             model(torch.tensor([[1], [2], [3]]), past_key_values=two)
         with pytest.raises(NotImplementedError, match="rewound"):

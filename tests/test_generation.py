@@ -1,0 +1,180 @@
+"""`generate` with every transformers decoding mode, exact batching with padding, and reusable state.
+
+CI runs this file on the newest transformers 5.x, the newest 4.57.x and the oldest 4.x the README claims.
+"""
+
+import copy
+
+import pytest
+import torch
+from official import random_official_weights, to_fla
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+from configuration_rwkv7 import RWKV7Config
+from modeling_rwkv7 import RWKV7Cache, RWKV7ForCausalLM
+
+VOCAB = 97
+PROMPTS = [[5, 17, 3, 90, 42, 42, 7, 61, 12], [33, 8, 1], [70, 70, 2, 9, 11, 4]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    config, state = to_fla(random_official_weights(hidden=128, layers=2, head_dim=32, vocab=VOCAB, seed=21))
+    model = RWKV7ForCausalLM(RWKV7Config(**config, eos_token_id=None, bos_token_id=None, pad_token_id=0))
+    model.load_state_dict(state)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def left_pad(prompts, pad=0):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def greedy_by_hand(model, prompt, steps, processors=None):
+    """Greedy decoding with plain forward calls and the cache: the reference for generate."""
+    ids = torch.tensor([prompt])
+    out = model(ids, use_cache=True)
+    tokens, scores = list(prompt), []
+    for _ in range(steps):
+        logits = out.logits[:, -1]
+        if processors is not None:
+            logits = processors(torch.tensor([tokens]), logits)
+        scores.append(logits[0])
+        token = int(logits.argmax(-1))
+        tokens.append(token)
+        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, torch.stack(scores)
+
+
+@torch.no_grad()
+def test_greedy_and_scores_match_forward_by_hand(model):
+    expected, expected_scores = greedy_by_hand(model, PROMPTS[0], 8)
+    out = model.generate(
+        torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False,
+        return_dict_in_generate=True, output_scores=True, output_logits=True,
+    )
+    assert out.sequences[0].tolist() == expected
+    torch.testing.assert_close(torch.stack(out.scores, 1)[0], expected_scores, rtol=1e-5, atol=1e-5)
+    no_cache = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, use_cache=False)
+    assert no_cache[0].tolist() == expected
+    assert model.generate(torch.tensor([PROMPTS[0]]), max_length=len(PROMPTS[0]) + 3).shape[1] == len(PROMPTS[0]) + 3
+
+
+@torch.no_grad()
+def test_repetition_penalty_matches_its_processor(model):
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.7)])
+    expected, _ = greedy_by_hand(model, PROMPTS[2], 10, processors)
+    out = model.generate(torch.tensor([PROMPTS[2]]), max_new_tokens=10, do_sample=False, repetition_penalty=1.7)
+    assert out[0].tolist() == expected
+
+
+@torch.no_grad()
+def test_sampling_modes(model):
+    ids = torch.tensor([PROMPTS[1]])
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=True, top_k=1), greedy)
+    for kwargs in [dict(temperature=0.7), dict(top_p=0.5), dict(min_p=0.2), dict(top_k=5, temperature=1.3)]:
+        torch.manual_seed(0)
+        first = model.generate(ids, max_new_tokens=6, do_sample=True, **kwargs)
+        torch.manual_seed(0)
+        assert torch.equal(first, model.generate(ids, max_new_tokens=6, do_sample=True, **kwargs)), kwargs
+        assert first.shape == (1, len(PROMPTS[1]) + 6) and int(first.max()) < VOCAB
+    torch.manual_seed(0)
+    several = model.generate(ids, max_new_tokens=6, do_sample=True, num_return_sequences=4, temperature=5.0)
+    assert several.shape == (4, len(PROMPTS[1]) + 6)
+    assert len({tuple(row.tolist()) for row in several}) > 1  # the rows are sampled independently
+
+
+@torch.no_grad()
+def test_beam_search_reorders_the_state(model):
+    ids, mask = left_pad(PROMPTS[:2])
+    kwargs = dict(max_new_tokens=7, num_beams=3, num_return_sequences=2, do_sample=False, early_stopping=True)
+    with_cache = model.generate(ids, attention_mask=mask, use_cache=True, **kwargs)
+    without_cache = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without_cache)
+    for row, prompt in enumerate(PROMPTS[:2]):  # each prompt's beams are those it gets alone
+        alone = model.generate(torch.tensor([prompt]), **kwargs)
+        assert torch.equal(with_cache[2 * row : 2 * row + 2, -alone.shape[1] :], alone)
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_prompt_alone(model):
+    ids, mask = left_pad(PROMPTS)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+    logits = torch.stack(out.logits, 1)
+    for row, prompt in enumerate(PROMPTS):
+        alone = model.generate(
+            torch.tensor([prompt]), max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        assert out.sequences[row, ids.shape[1] :].tolist() == alone.sequences[0, len(prompt) :].tolist()
+        torch.testing.assert_close(logits[row], torch.stack(alone.logits, 1)[0], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_padding_leaves_a_non_empty_state_untouched(model):
+    prefixes = [[4, 4, 8, 15], [16, 23, 42, 1]]
+    cache = model(torch.tensor(prefixes), use_cache=True).past_key_values
+    ids, mask = left_pad([PROMPTS[0], PROMPTS[1]])
+    out = model.generate(ids, attention_mask=mask, past_key_values=copy.deepcopy(cache), max_new_tokens=5,
+                         do_sample=False, return_dict_in_generate=True, output_logits=True)
+    for row, (prefix, prompt) in enumerate(zip(prefixes, PROMPTS[:2])):
+        expected, expected_logits = greedy_by_hand(model, prefix + prompt, 5)
+        assert out.sequences[row, ids.shape[1] :].tolist() == expected[len(prefix) + len(prompt) :]
+        torch.testing.assert_close(torch.stack(out.logits, 1)[row], expected_logits, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_state_is_reusable_across_questions_and_turns(model):
+    system = [9, 9, 3, 27, 81, 5, 5, 60]
+    questions = [[11, 12], [40, 2, 2, 7]]
+    prefix_cache = model(torch.tensor([system]), use_cache=True).past_key_values
+    snapshot = copy.deepcopy(prefix_cache)
+    for question in questions:
+        answer = model.generate(torch.tensor([question]), past_key_values=copy.deepcopy(prefix_cache),
+                                max_new_tokens=5, do_sample=False)
+        expected, _ = greedy_by_hand(model, system + question, 5)
+        assert answer[0].tolist() == expected[len(system) :]
+    for mine, theirs in zip(prefix_cache.wkv + prefix_cache.attn_shift, snapshot.wkv + snapshot.attn_shift):
+        assert torch.equal(mine, theirs)  # generating from copies left the original untouched
+
+    # a conversation goes on from the returned cache with only the tokens it has not seen: generate's last token
+    # (sampled, never fed back) and the new ones
+    first = model.generate(torch.tensor([system]), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert first.past_key_values.num_seen_tokens == first.sequences.shape[1] - 1
+    follow_up = torch.tensor([[13, 21]])
+    second = model.generate(torch.cat([first.sequences[:, -1:], follow_up], 1), past_key_values=first.past_key_values,
+                            max_new_tokens=4, do_sample=False)
+    expected, _ = greedy_by_hand(model, first.sequences[0].tolist() + follow_up[0].tolist(), 4)
+    assert second[0, 1:].tolist() == expected[len(first.sequences[0]) :]
+
+
+@torch.no_grad()
+def test_inputs_embeds_and_hidden_states(model):
+    ids = torch.tensor([PROMPTS[0]])
+    by_ids = model.generate(ids, max_new_tokens=5, do_sample=False)
+    by_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=5, do_sample=False)
+    assert by_embeds[0].tolist() == by_ids[0, ids.shape[1] :].tolist()
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                         output_hidden_states=True)
+    assert len(out.hidden_states) == 3
+    assert len(out.hidden_states[0]) == model.config.num_hidden_layers + 1
+    assert out.hidden_states[0][0].shape[1] == ids.shape[1] and out.hidden_states[1][0].shape[1] == 1
+
+
+@torch.no_grad()
+def test_unsupported_modes_fail_clearly(model):
+    ids = torch.tensor([PROMPTS[0]])
+    with pytest.raises(ValueError, match="stateful|not supported"):
+        model.generate(ids, assistant_model=model, max_new_tokens=3)
+    with pytest.raises(ValueError, match="attention weights"):
+        model(ids, output_attentions=True)
+    cache = model(ids, use_cache=True).past_key_values
+    with pytest.raises(NotImplementedError, match="rewound"):
+        cache.crop(2)
+    assert isinstance(cache, RWKV7Cache)
