@@ -319,7 +319,12 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["RWKV7Block"]
     _skip_keys_device_placement = ["past_key_values"]
     _is_stateful = True  # generate: the state cannot be rewound, so assisted decoding is refused
-    _supports_cache_class = False  # transformers 4.4x: do not make a DynamicCache for this model in generate
+    _supports_cache_class = True  # transformers 4.4x: generate accepts an RWKV7Cache as past_key_values
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        """generate must not make a DynamicCache for this model: its forward makes an RWKV7Cache."""
+        return False
 
     def __init__(self, config: RWKV7Config, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)

@@ -3,12 +3,23 @@
 CI runs this file on the newest transformers 5.x, the newest 4.57.x and the oldest 4.x the README claims.
 """
 
+import contextlib
 import copy
+import io
+import threading
 
 import pytest
 import torch
-from official import random_official_weights, to_fla
-from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+from official import REPO, random_official_weights, to_fla, write_model_dir
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 
 from configuration_rwkv7 import RWKV7Config
 from modeling_rwkv7 import RWKV7Cache, RWKV7ForCausalLM
@@ -178,3 +189,69 @@ def test_unsupported_modes_fail_clearly(model):
     with pytest.raises(NotImplementedError, match="rewound"):
         cache.crop(2)
     assert isinstance(cache, RWKV7Cache)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model with the World vocabulary, its tokenizer and the package's generation config."""
+    official = random_official_weights(hidden=64, layers=1, head_dim=32, vocab=65536, ranks=(8, 8, 8, 8), seed=22)
+    folder = write_model_dir(tmp_path_factory.mktemp("world"), official)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    model.generation_config = GenerationConfig.from_pretrained(REPO)
+    return folder, model, AutoTokenizer.from_pretrained(REPO, trust_remote_code=True)
+
+
+@torch.no_grad()
+def test_stop_strings_and_streamers(world):
+    _, model, tokenizer = world
+    prompt = tokenizer("User: 你好, how are you? 🙂\n\nAssistant:", return_tensors="pt")
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None)
+    full = model.generate(**prompt, **kwargs)[0, prompt.input_ids.shape[1] :]
+    text = tokenizer.decode(full)
+
+    stop = tokenizer.decode(full[4:5])  # the text of the 5th generated token
+    stopped = model.generate(**prompt, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
+    new = stopped[0, prompt.input_ids.shape[1] :]
+    assert tokenizer.decode(new).endswith(stop) and len(new) <= 5
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        model.generate(**prompt, **kwargs, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    assert printed.getvalue() == text + "\n"
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    thread = threading.Thread(target=model.generate, kwargs=dict(**prompt, **kwargs, streamer=streamer))
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    assert "".join(pieces) == text
+
+
+@torch.no_grad()
+def test_generation_config_stops_at_the_end_of_a_turn(world):
+    _, model, tokenizer = world
+    turn_end = tokenizer.encode("\n\n")
+    assert turn_end == [261] and 261 in model.generation_config.eos_token_id and 0 in model.generation_config.eos_token_id
+    # make the model answer "\n\n" after three tokens: the generation stops there
+    prompt = tokenizer("User: hi\n\nAssistant:", return_tensors="pt")
+    forced = [tokenizer.encode(" Hi")[0], tokenizer.encode("!")[0], 261, 300]
+
+    class Force:
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - prompt.input_ids.shape[1]
+            scores = torch.full_like(scores, -1e9)
+            scores[:, forced[step]] = 0
+            return scores
+
+    out = model.generate(**prompt, max_new_tokens=10, logits_processor=LogitsProcessorList([Force()]))
+    assert out[0, prompt.input_ids.shape[1] :].tolist() == forced[:3]
+
+
+@torch.no_grad()
+def test_device_map_auto(world):
+    folder, model, tokenizer = world
+    mapped = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, device_map="auto")
+    prompt = tokenizer(["User: one\n\nAssistant:", "User: a longer question\n\nAssistant:"], return_tensors="pt",
+                       padding=True)
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(mapped.generate(**prompt, **kwargs), model.generate(**prompt, **kwargs))
