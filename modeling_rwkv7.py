@@ -174,8 +174,11 @@ class RWKV7Cache(Cache):
             states[:] = [fn(s) for s in states]
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        """Beam search: row i of the new cache is row beam_idx[i] of the old one."""
-        self._apply_to_all(lambda s: s.index_select(0, beam_idx.to(s.device)))
+        """Beam search: row i of the new cache is row beam_idx[i] of the old one (in place: a decoding CUDA graph
+        keeps using the same tensors)."""
+        for states in (self.wkv, self.attn_shift, self.ffn_shift):
+            for s in states:
+                s.copy_(s.index_select(0, beam_idx.to(s.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         self._apply_to_all(lambda s: s.repeat_interleave(repeats, dim=0))
@@ -229,18 +232,18 @@ class RWKV7TimeMix(nn.Module):
         self.g_lora = LoRA(C, config.gate_low_rank_dim, nn.Sigmoid(), bias=False)
         self.g_norm = nn.GroupNorm(H, C, eps=N * config.norm_eps)
 
-    def forward(self, x, v_first, wkv_state, shift_state, attention_mask):
-        """x [B, T, C] (normalised); wkv_state [B, H, K, V] float32 or None (zeros); shift_state [B, C].
+    def forward(self, x, v_first, wkv_state, shift_state, attention_mask, decoding):
+        """x [B, T, C] (normalised); wkv_state [B, H, K, V] float32 or None (no cache); shift_state [B, C].
 
-        Returns (output, v_first, new wkv_state, new shift_state). Decoding (one token, no autograd) updates
-        wkv_state in place and returns it; otherwise the new state is a new tensor (None when wkv_state is None
-        and no state is wanted, i.e. without a cache).
+        Returns (output, v_first, new wkv_state, new shift_state). When `decoding` (one token, a cache, no autograd)
+        the states are updated in place and returned, so a CUDA graph of the step can own them; otherwise the new
+        states are new tensors (wkv_state None without a cache).
         """
         B, T, C = x.shape
         H, N = self.num_heads, self.head_dim
         x_prev, last_x = kernels.token_shift(x, shift_state, attention_mask)
-        xx = x_prev - x
-        x_r, x_w, x_k, x_v, x_a, x_g = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])  # [6, 1, 1, C]
+        x_r, x_w, x_k, x_v, x_a, x_g = torch.addcmul(x, x_prev - x, mixes).unbind(0)  # the six lerps, one kernel
 
         r = self.r_proj(x_r)
         # log of the decay, in float32 at least (bf16 would round decays near 1 to 1 and distort long memory):
@@ -256,7 +259,7 @@ class RWKV7TimeMix(nn.Module):
         if self.layer_idx == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v_lora(x_v))
+            v = torch.lerp(v, v_first, torch.sigmoid(self.v_lora(x_v)))
 
         r, w, k, v, a = (t.view(B, T, H, N) for t in (r, w, k, v, a))
         if attention_mask is not None:
@@ -264,8 +267,9 @@ class RWKV7TimeMix(nn.Module):
             keep = attention_mask.view(B, T, 1, 1)
             w, k, kk = w * keep, k * keep.to(k.dtype), kk * keep.to(kk.dtype)
 
-        if wkv_state is not None and T == 1 and not torch.is_grad_enabled():
+        if decoding:
             o = kernels.wkv7_decode_(r, w, k, v, -kk, kk * a, wkv_state)
+            last_x = shift_state.copy_(last_x)  # x_prev, which may be a view of shift_state, is used up
         else:
             o, wkv_state = kernels.wkv7(
                 r, w, k, v, -kk, kk * a, initial_state=wkv_state, output_final_state=wkv_state is not None
@@ -284,11 +288,13 @@ class RWKV7ChannelMix(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.value = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x, shift_state, attention_mask):
-        """x [B, T, C] (normalised), shift_state [B, C]. Returns (output, new shift_state)."""
+    def forward(self, x, shift_state, attention_mask, decoding):
+        """x [B, T, C] (normalised), shift_state [B, C]. Returns (output, new shift_state); in place when decoding."""
         x_prev, last_x = kernels.token_shift(x, shift_state, attention_mask)
-        k = x + (x_prev - x) * self.x_k
-        return self.value(torch.relu(self.key(k)) ** 2), last_x
+        k = torch.lerp(x, x_prev, self.x_k)
+        if decoding:  # after the last read of x_prev, which may be a view of shift_state
+            last_x = shift_state.copy_(last_x)
+        return self.value(torch.relu(self.key(k)).square()), last_x
 
 
 class RWKV7Block(nn.Module):
@@ -303,12 +309,17 @@ class RWKV7Block(nn.Module):
         self.ffn = RWKV7ChannelMix(config)
 
     def forward(self, x, v_first, wkv_state, attn_shift, ffn_shift, attention_mask):
-        """Returns (x, v_first, new wkv_state, new attn_shift, new ffn_shift)."""
+        """Returns (x, v_first, new wkv_state, new attn_shift, new ffn_shift).
+
+        Decoding (one token with a cache, no autograd) updates the states in place; see RWKV7TimeMix.forward."""
+        decoding = wkv_state is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
         if hasattr(self, "pre_norm"):
             x = self.pre_norm(x)
-        h, v_first, wkv_state, attn_shift = self.attn(self.attn_norm(x), v_first, wkv_state, attn_shift, attention_mask)
+        h, v_first, wkv_state, attn_shift = self.attn(
+            self.attn_norm(x), v_first, wkv_state, attn_shift, attention_mask, decoding
+        )
         x = x + h
-        h, ffn_shift = self.ffn(self.ffn_norm(x), ffn_shift, attention_mask)
+        h, ffn_shift = self.ffn(self.ffn_norm(x), ffn_shift, attention_mask, decoding)
         return x + h, v_first, wkv_state, attn_shift, ffn_shift
 
 

@@ -1,5 +1,12 @@
 """Maintainers' tool: convert official RWKV-7 checkpoints to the fla-hub layout and keep Hub repos' code current.
 
+    python upload_to_hub.py convert MODEL.pth OUT_DIR [--dtype bfloat16|float16|float32]
+    python upload_to_hub.py push OUT_DIR --repo ORG/NAME [--revision BRANCH] [--pr] [--private] [--dry-run]
+    python upload_to_hub.py update-code --repo ORG/NAME [--repo ...] [--revision BRANCH] [--pr] [--dry-run]
+
+`convert` needs BlinkDL's `rwkv` package (`pip install rwkv`): every conversion is checked against it. `push` and
+`update-code` authenticate the way huggingface_hub is configured (HF_TOKEN or `hf auth login`).
+
 The key mapping (official .pth -> fla-hub safetensors):
     emb.weight                          -> model.embeddings.weight
     blocks.0.ln0.*                      -> model.layers.0.pre_norm.*
@@ -18,9 +25,66 @@ The key mapping (official .pth -> fla-hub safetensors):
     ln_out.* / head.weight              -> model.norm.* / lm_head.weight
 """
 
+import argparse
+import contextlib
+import fnmatch
+import json
+import os
+import pickle
 import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from configuration_rwkv7 import RWKV7Config
+
+
+REPO = Path(__file__).resolve().parent
+
+# The package's files, by name: the only files `push` and `update-code` ever upload (besides config.json, the
+# weights and an optional model card), and the files tests copy next to a model. kernels/ is the package's own
+# folder, so every .py file in it belongs to the package.
+MODEL_CODE_FILES = (
+    "configuration_rwkv7.py",
+    "modeling_rwkv7.py",
+    *sorted(f"kernels/{path.name}" for path in (REPO / "kernels").glob("*.py")),
+)
+TOKENIZER_CODE_FILES = ("tokenization_rwkv7.py",)
+CODE_FILES = MODEL_CODE_FILES + TOKENIZER_CODE_FILES
+WORLD_VOCAB_FILE = "rwkv_vocab_v20230424.txt"
+TOKENIZER_FILES = (WORLD_VOCAB_FILE, "tokenizer_config.json", "special_tokens_map.json")
+GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_CARD_FILE = "README.md"
+SINGLE_WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# Weight files a repo may hold from an earlier upload; `push` deletes those its new weights do not list.
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pth")
+# Tokenizer code that earlier uploads of World models shipped and tokenization_rwkv7.py replaces.
+LEGACY_TOKENIZER_CODE_FILES = ("hf_rwkv_tokenizer.py",)
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_rwkv7.RWKV7Config",
+    "AutoModel": "modeling_rwkv7.RWKV7Model",
+    "AutoModelForCausalLM": "modeling_rwkv7.RWKV7ForCausalLM",
+}
+# Id 0 ends a document in both RWKV vocabularies (World: not in the vocab file, the tokenizer's <|endoftext|>;
+# Pile: GPT-NeoX's <|endoftext|>). It is bos, eos and pad, as in tokenizer_config.json and generation_config.json.
+END_OF_DOCUMENT_ID = 0
+WORLD_VOCAB_IDS = 65530  # ids 0..65529; World models have 65536 embedding rows
+
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+VERIFY_LAYERS = 2  # the blocks the official package runs at the end of `convert`
+VERIFY_VOCAB_ROWS = 4096  # vocabulary rows kept for that run (enough for the test tokens, small for a 7B head)
+VERIFY_TOKENS = 8
+VERIFY_TOLERANCE = 5e-5  # max |logits diff| / std(official logits), float32
 
 
 _LORA = {"w": "w_lora", "a": "a_lora", "v": "v_lora", "g": "g_lora"}
@@ -101,3 +165,660 @@ def config_from_official(shapes: dict) -> dict:
     if num_heads * head_dim != hidden_size:
         raise UnsupportedCheckpoint(f"r_k is [{num_heads}, {head_dim}] but the hidden size is {hidden_size}")
     return config
+
+
+class VerificationError(RuntimeError):
+    """The converted folder does not reproduce the official package's logits."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_official(path) -> dict:
+    """The official state dict, memory-mapped: tensors are read from disk when used, not at load.
+
+    weights_only=True unpickles tensors and plain containers only, so a checkpoint cannot run code here; anything
+    else in it (a custom class, training arguments) is refused rather than trusted.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise UnsupportedCheckpoint(
+            f"{path} holds Python objects other than tensors, and this tool never unpickles those "
+            f"(torch.load(weights_only=True) refused it: {str(error).strip().splitlines()[0]})"
+        ) from None
+    except Exception as error:  # a truncated zip, a legacy (non-zip) or non-PyTorch file
+        raise UnsupportedCheckpoint(
+            f"{path} cannot be read as a PyTorch checkpoint (truncated, or not a .pth file?): {error}"
+        ) from None
+    if not isinstance(state, dict):
+        raise UnsupportedCheckpoint(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UnsupportedCheckpoint(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        if not value.is_floating_point():
+            raise UnsupportedCheckpoint(f"{path}: {key} is {value.dtype}, not a floating-point weight")
+    return state
+
+
+def official_shapes(config: dict) -> dict:
+    """Every tensor an official x070 checkpoint of this configuration holds, with its shape.
+
+    blocks.0.att.v0/v1/v2 are not listed: the official model ignores them and fla-hub drops them, so they may
+    be present (as in released checkpoints) or not.
+    """
+    C, V, I, L = config["hidden_size"], config["vocab_size"], config["intermediate_size"], config["num_hidden_layers"]
+    N = config["head_dim"]
+    vector = (1, 1, C)
+    ranks = {
+        "w": config["decay_low_rank_dim"],
+        "a": config["a_low_rank_dim"],
+        "v": config["v_low_rank_dim"],
+        "g": config["gate_low_rank_dim"],
+    }
+    shapes = {"emb.weight": (V, C), "head.weight": (V, C)}
+    for norm in ("ln_out", "blocks.0.ln0"):
+        shapes.update({f"{norm}.weight": (C,), f"{norm}.bias": (C,)})
+    for i in range(L):
+        b = f"blocks.{i}."
+        for norm in ("ln1", "ln2", "att.ln_x"):
+            shapes.update({f"{b}{norm}.weight": (C,), f"{b}{norm}.bias": (C,)})
+        shapes.update({f"{b}att.x_{mix}": vector for mix in "rwkvag"})
+        shapes.update({b + "att.k_k": vector, b + "att.k_a": vector, b + "att.r_k": (C // N, N)})
+        shapes.update({f"{b}att.{proj}.weight": (C, C) for proj in _PROJ})
+        for lora, rank in ranks.items():
+            if lora == "v" and i == 0:
+                continue
+            shapes.update({f"{b}att.{lora}1": (C, rank), f"{b}att.{lora}2": (rank, C)})
+            if lora != "g":
+                shapes[f"{b}att.{lora}0"] = vector
+        shapes.update({b + "ffn.x_k": vector, b + "ffn.key.weight": (I, C), b + "ffn.value.weight": (C, I)})
+    return shapes
+
+
+def check_checkpoint(state: dict) -> dict:
+    """The RWKV7Config fields of `state`, after checking that it is a complete, consistent x070 checkpoint.
+
+    Variants this package does not implement (DeepEmbed, unknown tensors) are refused by name; then every tensor
+    of every layer must have the shape the inferred configuration gives it, so a layer with a different width or
+    LoRA rank, or a missing tensor, stops the conversion instead of producing a folder that fails to load.
+    """
+    for key, tensor in state.items():
+        official_to_fla(key, tensor)  # raises on DeepEmbed and unknown keys; views only, reads no data
+    config = config_from_official({key: tensor.shape for key, tensor in state.items()})
+    expected = official_shapes(config)
+    ignored = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    missing = sorted(expected.keys() - state.keys(), key=_layer_order)
+    unexpected = sorted(state.keys() - expected.keys() - ignored, key=_layer_order)
+    wrong = [
+        f"{key} {list(state[key].shape)} (expected {list(shape)})"
+        for key, shape in expected.items()
+        if key in state and tuple(state[key].shape) != shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_first(unexpected)}")
+    if wrong:
+        problems.append(f"shapes that disagree with the rest of the checkpoint: {_first(wrong)}")
+    if problems:
+        summary = ", ".join(f"{k}={v}" for k, v in config.items() if k != "norm_bias")
+        raise UnsupportedCheckpoint(
+            f"not a consistent RWKV-7 x070 checkpoint (inferred {summary}); " + "; ".join(problems)
+        )
+    return config
+
+
+def _layer_order(key):
+    m = re.match(r"blocks\.(\d+)\.", key)
+    return (int(m[1]) if m else -1, key)
+
+
+def _first(items, n=6):
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def parse_size(size: str) -> int:
+    """Bytes in "2GB", "500MB", "64KB" (powers of 1000, as transformers counts) or a plain integer."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", str(size).upper())
+    if m is None:
+        raise ValueError(f"not a size: {size!r} (use e.g. 2GB, 500MB or a number of bytes)")
+    return int(float(m[1]) * {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m[2]])
+
+
+def plan_shards(state: dict, dtype: torch.dtype, max_shard_bytes: int) -> list:
+    """[(shard file name, [(fla name, official key), ...]), ...] in checkpoint order, each shard at most
+    max_shard_bytes (a single tensor larger than that gets a shard of its own)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards, current, current_bytes = [], [], 0
+    for key, tensor in state.items():
+        mapped = official_to_fla(key, tensor)
+        if mapped is None:
+            continue
+        nbytes = tensor.numel() * itemsize
+        if current and current_bytes + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append((mapped[0], key))
+        current_bytes += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        return [(SINGLE_WEIGHTS_FILE, shards[0])]
+    return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard) for i, shard in enumerate(shards, 1)]
+
+
+def write_weights(state: dict, folder: Path, dtype: torch.dtype, max_shard_bytes: int) -> int:
+    """Writes the fla-hub weights of `state` into `folder`, one shard at a time; returns the number of shards.
+
+    Memory: the source is memory-mapped, so its pages are read on demand and belong to the page cache, which
+    the OS reclaims. Only the tensors of the shard being written are materialised (converted to `dtype`,
+    transposed) and they are released before the next shard starts, so the peak beyond the page cache is about
+    one shard (max_shard_bytes, default 2 GB): a 7B checkpoint converts in far less RAM than twice its size.
+    """
+    shards = plan_shards(state, dtype, max_shard_bytes)
+    weight_map, total_bytes = {}, 0
+    with tqdm(total=sum(len(s) for _, s in shards), unit="tensor", desc="writing", file=sys.stderr) as progress:
+        for filename, shard in shards:
+            progress.set_postfix_str(filename)
+            tensors = {}
+            for name, key in shard:
+                tensors[name] = official_to_fla(key, state[key])[1].to(dtype).contiguous()
+                total_bytes += tensors[name].numel() * tensors[name].element_size()
+                weight_map[name] = filename
+                progress.update(1)
+            save_file(tensors, str(folder / filename), metadata={"format": "pt"})
+            del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (folder / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return len(shards)
+
+
+def model_config(shape_config: dict, dtype: torch.dtype) -> dict:
+    """config.json of a converted model: the shape fields, the token ids of the tokenizer, the auto_map."""
+    config = RWKV7Config(
+        **shape_config,
+        bos_token_id=END_OF_DOCUMENT_ID,
+        eos_token_id=END_OF_DOCUMENT_ID,
+        pad_token_id=END_OF_DOCUMENT_ID,
+        dtype=dtype,
+    )
+    config.architectures = ["RWKV7ForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    config = config.to_diff_dict()  # what save_pretrained writes: no PretrainedConfig defaults
+    config["torch_dtype"] = config["dtype"]  # the key transformers < 4.56 reads
+    return config
+
+
+def weight_files(folder) -> dict:
+    """{tensor name: file} of the safetensors weights in `folder` (sharded with an index, or one file)."""
+    folder = Path(folder)
+    if (folder / WEIGHTS_INDEX_FILE).is_file():
+        return json.loads((folder / WEIGHTS_INDEX_FILE).read_text())["weight_map"]
+    if (folder / SINGLE_WEIGHTS_FILE).is_file():
+        with safe_open(folder / SINGLE_WEIGHTS_FILE, framework="pt") as f:
+            return {name: SINGLE_WEIGHTS_FILE for name in f.keys()}
+    raise FileNotFoundError(f"{folder} has no {SINGLE_WEIGHTS_FILE} and no {WEIGHTS_INDEX_FILE}")
+
+
+def check_layout(folder: Path, dtype: torch.dtype):
+    """Every weight the model built from the written config.json needs is in the written files, with its shape
+    and `dtype`, and nothing else is. Covers all layers; the numerical check (verify) covers the first two."""
+    from modeling_rwkv7 import RWKV7ForCausalLM
+
+    config = RWKV7Config.from_pretrained(folder)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in RWKV7ForCausalLM(config).state_dict().items()}
+    written = {}
+    for filename in sorted(set(weight_files(folder).values())):
+        with safe_open(folder / filename, framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                written[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    dtype_tag = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    problems = [f"missing {k}" for k in sorted(expected.keys() - written.keys())]
+    problems += [f"unexpected {k}" for k in sorted(written.keys() - expected.keys())]
+    problems += [
+        f"{k} is {list(written[k][0])} {written[k][1]}, expected {list(shape)} {dtype_tag}"
+        for k, shape in expected.items()
+        if k in written and written[k] != (shape, dtype_tag)
+    ]
+    if problems:
+        raise VerificationError(f"the written weights do not match the model: {_first(problems)}")
+
+
+def verify(folder: Path, state: dict, dtype: torch.dtype) -> float:
+    """max |logits - official| / std(official) of the written folder's first blocks on a few tokens.
+
+    Both sides run in float32 on the same numbers: the official package gets the official weights rounded to
+    `dtype` (what the folder stores), and the folder is loaded with dtype=float32, which upcasts them exactly.
+    So the check measures the conversion (names, transposes, config, code), not the rounding, and the float32
+    threshold applies to every dtype. What rounding to bfloat16/float16 costs is a property of the published
+    weights, which the maintainer chooses with --dtype; it is not a conversion error.
+
+    The truncated model (embedding, the first VERIFY_LAYERS blocks, final norm, head; VERIFY_VOCAB_ROWS rows
+    of the embedding and the head) is read back from the written files into a temporary folder with the written
+    config.json (layer count and vocab cut to match) and the written code, and loaded through transformers'
+    remote code, as a user would. check_layout covers the layers it leaves out.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    layers = min(VERIFY_LAYERS, config["num_hidden_layers"])
+    rows = min(VERIFY_VOCAB_ROWS, config["vocab_size"])
+    sliced = {"emb.weight", "head.weight", "model.embeddings.weight", "lm_head.weight"}
+
+    def kept(key):
+        m = re.match(r"blocks\.(\d+)\.", key)
+        return m is None or int(m[1]) < layers
+
+    with tempfile.TemporaryDirectory(prefix="rwkv7-verify-") as tmp:
+        tmp = Path(tmp)
+        official, names = {}, []
+        for key, tensor in state.items():
+            if kept(key):
+                tensor = tensor.to(dtype).float()
+                official[key] = (tensor[:rows] if key in sliced else tensor).clone()
+                mapped = official_to_fla(key, tensor)
+                if mapped is not None:
+                    names.append(mapped[0])
+        torch.save(official, tmp / "official.pth")
+
+        truncated = tmp / "converted"
+        truncated.mkdir()
+        files, tensors = weight_files(folder), {}
+        for name in names:
+            with safe_open(folder / files[name], framework="pt") as f:
+                tensor = f.get_tensor(name)
+            tensors[name] = (tensor[:rows] if name in sliced else tensor).clone()
+        save_file(tensors, str(truncated / SINGLE_WEIGHTS_FILE), metadata={"format": "pt"})
+        del tensors
+        config.update(num_hidden_layers=layers, vocab_size=rows, value_dim=[config["hidden_size"]] * layers)
+        (truncated / "config.json").write_text(json.dumps(config, indent=2))
+        copy_files(folder, truncated, MODEL_CODE_FILES)
+
+        tokens = torch.randint(0, rows, (VERIFY_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+        reference = official_logits(tmp / "official", tokens)
+        del official
+        ours = converted_logits(truncated, tokens)
+    return ((ours.double() - reference.double()).abs().max() / reference.double().std()).item()
+
+
+def official_logits(path_without_suffix: Path, tokens: list) -> torch.Tensor:
+    """Logits [T, V] of BlinkDL's `rwkv` package (strategy "cpu fp32") on `path_without_suffix`.pth."""
+    if "rwkv.model" not in sys.modules:
+        os.environ["RWKV_V7_ON"] = "1"  # read by rwkv.model at import time
+        os.environ.setdefault("RWKV_JIT_ON", "1")
+        os.environ.setdefault("RWKV_CUDA_ON", "0")
+    elif os.environ.get("RWKV_V7_ON") != "1":
+        raise RuntimeError("rwkv.model was imported without RWKV_V7_ON=1; it cannot run RWKV-7 in this process")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the package prints its settings; keep stdout for results
+            from rwkv.model import RWKV
+
+            model = RWKV(model=str(path_without_suffix), strategy="cpu fp32")
+    except ImportError:
+        raise ImportError("convert checks every conversion against the official package: pip install rwkv") from None
+    logits, _ = model.forward(tokens, None, full_output=True)
+    return logits.float()
+
+
+def converted_logits(folder: Path, tokens: list) -> torch.Tensor:
+    """Logits [T, V] of `folder` loaded as a user would: AutoModelForCausalLM with its own (remote) code."""
+    from transformers import AutoModelForCausalLM
+
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # transformers' loading notes about a throw-away folder are noise here
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    finally:
+        logging.set_verbosity(verbosity)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float()
+
+
+def copy_files(source, destination, names):
+    """Copies `names` (paths relative to `source`) into `destination`, creating sub-folders."""
+    for name in names:
+        target = Path(destination) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(source) / name, target)
+
+
+def convert(pth, out_dir, dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, tokenizer="world") -> float:
+    """Converts an official RWKV-7 .pth into a Hub model folder at `out_dir`; returns the verification error.
+
+    The folder holds config.json, generation_config.json, the safetensors weights, the code files and (with
+    tokenizer="world") the World tokenizer. It is written into a temporary folder beside `out_dir` and renamed
+    to `out_dir` only after check_layout and verify pass; on any error the temporary folder is removed, so a
+    folder at `out_dir` is always a verified one.
+
+    dtype: the stored precision (default: the checkpoint's own, when all its tensors share one).
+    tokenizer: "world" ships this package's World tokenizer (vocab >= 65530); "none" ships no tokenizer, for
+        models with another vocabulary (Pile models use GPT-NeoX's; add it by hand).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not empty; remove it or pick another output folder")
+    state = load_official(pth)
+    shape_config = check_checkpoint(state)
+    if dtype is None:
+        dtypes = {tensor.dtype for tensor in state.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"the checkpoint mixes {sorted(map(str, dtypes))}; choose one with --dtype")
+        dtype = dtypes.pop()
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"cannot store weights as {dtype}; use bfloat16, float16 or float32")
+    if tokenizer == "world" and shape_config["vocab_size"] < WORLD_VOCAB_IDS:
+        raise ValueError(
+            f"the World tokenizer has {WORLD_VOCAB_IDS} ids but the model has {shape_config['vocab_size']} "
+            "vocabulary rows (a Pile model has 50304); convert with --tokenizer none and add its tokenizer by hand"
+        )
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.absolute().parent))
+    try:
+        _make_readable(tmp)
+        config = model_config(shape_config, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer == "world":
+            copy_files(REPO, tmp, (GENERATION_CONFIG_FILE, *TOKENIZER_FILES, *CODE_FILES))
+        else:
+            generation = {f"{k}_token_id": END_OF_DOCUMENT_ID for k in ("bos", "eos", "pad")}
+            (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+            copy_files(REPO, tmp, MODEL_CODE_FILES)
+        shards = write_weights(state, tmp, dtype, parse_size(max_shard_size))
+        check_layout(tmp, dtype)
+        print("verifying against the official rwkv package ...", file=sys.stderr)
+        error = verify(tmp, state, dtype)
+        if not error <= VERIFY_TOLERANCE:
+            raise VerificationError(
+                f"the converted model's logits differ from the official package's: max|diff|/std = {error:.3g} "
+                f"> {VERIFY_TOLERANCE:g}"
+            )
+        for path in tmp.iterdir():
+            _make_readable(path)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(
+        f"{out_dir}: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, vocab "
+        f"{config['vocab_size']}, {str(dtype).removeprefix('torch.')}, {shards} weight file(s); "
+        f"logits vs the official package: max|diff|/std = {error:.2e}"
+    )
+    return error
+
+
+def _make_readable(path: Path):
+    """Gives what convert writes the permissions of a normal file or folder (mkdtemp and safetensors create
+    them private to the user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# push, update-code
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def model_folder_files(folder) -> list:
+    """The files of a model folder that `push` uploads: config.json, the weights its index names (or
+    model.safetensors), generation_config.json, the tokenizer and code files of this package, README.md.
+
+    An allow-list: caches, notes, .git, tokens or stray weights in the folder are never uploaded.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; create the folder with `convert`")
+    weights = sorted(set(weight_files(folder).values()))
+    if (folder / WEIGHTS_INDEX_FILE).is_file():
+        weights.insert(0, WEIGHTS_INDEX_FILE)
+    missing = [name for name in (*weights, *MODEL_CODE_FILES) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is incomplete, it has no {_first(missing)}; re-run `convert`")
+    optional = (GENERATION_CONFIG_FILE, *TOKENIZER_FILES, *TOKENIZER_CODE_FILES, MODEL_CARD_FILE)
+    return ["config.json", *weights, *MODEL_CODE_FILES, *(name for name in optional if (folder / name).is_file())]
+
+
+def plan_push(folder, remote_files) -> list:
+    """Commit operations that make a repo holding `remote_files` serve the model of `folder`: every allow-listed
+    file, and the deletion of weight files of an earlier upload that the new weights do not include."""
+    folder = Path(folder)
+    files = model_folder_files(folder)
+    stale = sorted(
+        name
+        for name in remote_files
+        if "/" not in name and any(fnmatch.fnmatch(name, p) for p in WEIGHT_PATTERNS) and name not in files
+    )
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+    return operations + [CommitOperationDelete(path_in_repo=name) for name in stale]
+
+
+def plan_update(folder) -> list:
+    """Commit operations that bring a repo, given as a local snapshot of its non-weight files, to this checkout's
+    code. Pure: reads `folder`, writes nothing. Empty when the repo is up to date.
+
+    - the model code (configuration_rwkv7.py, modeling_rwkv7.py, kernels/*.py) becomes this checkout's, which
+      also replaces the fla shims of older uploads (a modeling_rwkv7.py that imports `fla`);
+    - config.json gets this package's auto_map (and architectures when it has none); every other key stays, as
+      the configuration reads fla's keys as they are. Weights are not touched: packed `attn.x_x` tensors of older
+      uploads are unpacked by the model at load time;
+    - World-tokenizer repos (those with rwkv_vocab_v20230424.txt) get this package's tokenizer: its code,
+      tokenizer_config.json (auto_map included) and special_tokens_map.json replace the old ones wholesale, since
+      an older tokenizer_config's special tokens and options were written for another tokenizer class; so does
+      generation_config.json, whose eos ids (id 0 and every token carrying the turn separator "\n\n") make
+      `generate` stop at the end of a chat turn, where older uploads stopped at id 2 (a byte token);
+    - code this package no longer has is deleted: kernels/*.py files not in the checkout, modules the replaced
+      auto_map entries pointed at, and the tokenizer code of older uploads (hf_rwkv_tokenizer.py).
+    Files are compared by content, JSON files by their parsed value, so a second run plans nothing.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a model repo")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "rwkv7":
+        raise ValueError(f"config.json has model_type {config.get('model_type')!r}, not 'rwkv7'")
+    operations = []
+
+    def put(name, data: bytes):
+        if not (folder / name).is_file() or (folder / name).read_bytes() != data:
+            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
+
+    for name in MODEL_CODE_FILES:
+        put(name, (REPO / name).read_bytes())
+    new_config = {**config, "auto_map": dict(AUTO_MAP)}
+    new_config.setdefault("architectures", ["RWKV7ForCausalLM"])
+    if new_config != config:
+        put("config.json", (json.dumps(new_config, indent=2, sort_keys=True) + "\n").encode())
+    retired = _auto_map_modules(config)
+
+    if (folder / WORLD_VOCAB_FILE).is_file():
+        tokenizer_config = folder / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            retired |= _auto_map_modules(json.loads(tokenizer_config.read_text()))
+        retired |= set(LEGACY_TOKENIZER_CODE_FILES)
+        for name in (*TOKENIZER_CODE_FILES, *TOKENIZER_FILES, GENERATION_CONFIG_FILE):
+            if name.endswith(".json") and (folder / name).is_file():
+                if json.loads((folder / name).read_text()) == json.loads((REPO / name).read_text()):
+                    continue
+            put(name, (REPO / name).read_bytes())
+
+    present = {path.relative_to(folder).as_posix() for path in folder.rglob("*.py")}
+    owned_before = retired | {name for name in present if name.startswith("kernels/")}
+    for name in sorted((present & owned_before) - set(CODE_FILES)):
+        operations.append(CommitOperationDelete(path_in_repo=name))
+    return operations
+
+
+def _auto_map_modules(config: dict) -> set:
+    """The repo files an auto_map's entries point at ("module.Class" -> "module.py"; code in other repos,
+    "org/repo--module.Class", is not this repo's)."""
+    modules = set()
+    for value in (config.get("auto_map") or {}).values():
+        for reference in value if isinstance(value, list) else [value]:
+            if reference and "--" not in reference:
+                modules.add(reference.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    return modules
+
+
+def describe(repo_id, operations, existing) -> str:
+    """What a commit would do, one file a line: add (new), change (replaces a file of the same name), delete."""
+    lines = []
+    for op in operations:
+        if isinstance(op, CommitOperationDelete):
+            lines.append(f"  delete  {op.path_in_repo}")
+        else:
+            lines.append(f"  {'change' if op.path_in_repo in existing else 'add':<6}  {op.path_in_repo}")
+    counts = {verb: sum(line.split()[0] == verb for line in lines) for verb in ("add", "change", "delete")}
+    header = f"{repo_id}: " + ", ".join(f"{n} to {verb}" for verb, n in counts.items())
+    return "\n".join([header, *lines])
+
+
+def remote_files(api: HfApi, repo_id: str, revision=None) -> set:
+    """The files of `repo_id` at `revision` (a branch that does not exist yet starts from the default one);
+    empty for a repo that does not exist yet."""
+    try:
+        return set(api.list_repo_files(repo_id, revision=revision))
+    except RepositoryNotFoundError:
+        return set()
+    except RevisionNotFoundError:
+        return set(api.list_repo_files(repo_id))
+
+
+def push(folder, repo_id, revision=None, create_pr=False, private=False, dry_run=False, api=None):
+    """Uploads the allow-listed files of `folder` to `repo_id` in one commit (see plan_push); returns the
+    operations. Without create_pr the repo, and the branch `revision`, are created when missing."""
+    api = api or HfApi()
+    existing = remote_files(api, repo_id, revision)
+    operations = plan_push(folder, existing)
+    skipped = sorted(
+        p.relative_to(folder).as_posix()
+        for p in Path(folder).rglob("*")
+        if p.is_file() and p.relative_to(folder).as_posix() not in {op.path_in_repo for op in operations}
+    )
+    if skipped:
+        print(f"not uploaded (not part of a model folder): {_first(skipped)}", file=sys.stderr)
+    print(describe(repo_id, operations, existing))
+    if dry_run:
+        return operations
+    if not create_pr:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.create_commit(
+        repo_id,
+        operations=operations,
+        commit_message="Upload RWKV-7 model (converted with upload_to_hub.py)",
+        revision=revision,
+        create_pr=create_pr,
+    )
+    print(getattr(commit, "pr_url", None) or getattr(commit, "commit_url", commit))
+    return operations
+
+
+# What update-code fetches of a repo: everything plan_update reads, and no weights.
+UPDATE_SNAPSHOT_PATTERNS = ["*.py", "*.json", WORLD_VOCAB_FILE]
+
+
+def update_code(repo_ids, revision=None, create_pr=False, dry_run=False, api=None) -> dict:
+    """For each repo, one commit with plan_update's operations (none when it is up to date). Returns
+    {repo_id: operations}."""
+    api = api or HfApi()
+    plans = {}
+    for repo_id in repo_ids:
+        snapshot = Path(
+            api.snapshot_download(repo_id, revision=revision, allow_patterns=UPDATE_SNAPSHOT_PATTERNS)
+        )
+        operations = plans[repo_id] = plan_update(snapshot)
+        if not operations:
+            print(f"{repo_id}: up to date, nothing to commit")
+            continue
+        existing = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
+        print(describe(repo_id, operations, existing))
+        if not dry_run:
+            commit = api.create_commit(
+                repo_id,
+                operations=operations,
+                commit_message="Update the RWKV-7 code package (upload_to_hub.py update-code)",
+                revision=revision,
+                create_pr=create_pr,
+            )
+            print(getattr(commit, "pr_url", None) or getattr(commit, "commit_url", commit))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\nThe key mapping")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser(
+        "convert",
+        help="official .pth -> verified Hub model folder",
+        description=convert.__doc__.split("\n\n")[0] + " Needs `pip install rwkv` (the check).",
+    )
+    p.add_argument("pth", help="official RWKV-7 checkpoint (x070), e.g. rwkv7-g1-0.4b-20250324-ctx4096.pth")
+    p.add_argument("out_dir", help="folder to create (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest weight file (default 2GB)")
+    p.add_argument(
+        "--tokenizer", choices=("world", "none"), default="world", help="ship the World tokenizer (default) or none"
+    )
+
+    p = commands.add_parser(
+        "push",
+        help="upload a converted folder as one commit",
+        description=push.__doc__.split("\n\n")[0] + " " + model_folder_files.__doc__,
+    )
+    p.add_argument("out_dir")
+    add_commit_arguments(p)
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
+
+    p = commands.add_parser(
+        "update-code",
+        help="replace the code of existing repos with this checkout's, weights untouched",
+        description=plan_update.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_commit_arguments(p, several=True)
+    return parser
+
+
+def add_commit_arguments(parser, several=False):
+    parser.add_argument(
+        "--repo", required=True, action="append" if several else "store", help="ORG/NAME" + (" (repeatable)" if several else "")
+    )
+    parser.add_argument("--revision", help="branch to commit to (default: the default branch)")
+    parser.add_argument("--pr", action="store_true", help="open a pull request instead of committing to the branch")
+    parser.add_argument("--dry-run", action="store_true", help="print the files it would add, change and delete; upload nothing")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            convert(args.pth, args.out_dir, DTYPES.get(args.dtype), args.max_shard_size, args.tokenizer)
+        elif args.command == "push":
+            push(args.out_dir, args.repo, args.revision, args.pr, args.private, args.dry_run)
+        else:
+            update_code(args.repo, args.revision, args.pr, args.dry_run)
+    except (UnsupportedCheckpoint, VerificationError, FileExistsError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,9 +15,11 @@ def token_shift_reference(x, prev, attention_mask=None):
     sees the x of the last *real* position before it (or `prev`), and the carried x is the last real one.
     Returns (x_prev [B, T, C], new_prev [B, C]).
     """
+    B, T, C = x.shape
     if attention_mask is None:
         return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1), x[:, -1]
-    B, T, C = x.shape
+    if T == 1:  # decoding: a padded token keeps `prev`
+        return prev.unsqueeze(1), torch.where(attention_mask.bool(), x[:, 0], prev)
     positions = torch.arange(1, T + 1, device=x.device).expand(B, T)
     # last_real[t] = 1 + index of the last real position <= t, or 0 (meaning `prev`) if there is none
     last_real = torch.where(attention_mask.bool(), positions, 0).cummax(dim=1).values

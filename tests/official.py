@@ -19,7 +19,7 @@ os.environ.setdefault("RWKV_JIT_ON", "1")
 import upload_to_hub  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CODE_FILES = ["configuration_rwkv7.py", "modeling_rwkv7.py"]
+CODE_FILES = upload_to_hub.CODE_FILES  # the package's code files: one list, in upload_to_hub.py
 
 
 def random_official_weights(
@@ -125,11 +125,7 @@ def write_model_dir(folder, official: dict, dtype=torch.float32, pack_x_x=False,
 
 
 def copy_code(folder):
-    import shutil
-
-    for name in CODE_FILES:
-        shutil.copy(REPO / name, Path(folder) / name)
-    shutil.copytree(REPO / "kernels", Path(folder) / "kernels", ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    upload_to_hub.copy_files(REPO, folder, CODE_FILES)
 
 
 def official_model(official: dict, tmp_path):
