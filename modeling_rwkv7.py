@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -534,11 +535,79 @@ class RWKV7Model(RWKV7PreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+class RWKV7DecodeGraph:
+    """A CUDA graph of one decoding step of RWKV7ForCausalLM (one token per row, a fixed batch size), replayed
+    instead of launching the step's few hundred kernels one by one from Python.
+
+    The graph reads and updates static state tensors in place. Rather than copying states in and out at every
+    step, it lends those tensors to the cache being decoded: the cache's entries become the static tensors (one
+    copy, on its first graphed step), and stay so while that cache keeps decoding. When another cache comes, the
+    previous one first gets copies of its states back, so no two caches ever share a tensor.
+    """
+
+    def __init__(self, model, batch_size):
+        p = model.lm_head.weight
+        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)
+        self.attention_mask = torch.ones(batch_size, 1, dtype=torch.long, device=p.device)
+        self.cache = RWKV7Cache()
+        for i in range(model.config.num_hidden_layers):
+            self.cache.update_layer(i, *self.cache.layer_states(i, batch_size, model.config, p.device, p.dtype))
+        self.owner = None  # weak reference to the cache the static states are lent to
+
+        def step():
+            return model._forward_eager(
+                input_ids=self.input_ids, attention_mask=self.attention_mask, past_key_values=self.cache,
+                use_cache=True, return_dict=True,
+            ).logits
+
+        with torch.no_grad():
+            side = torch.cuda.Stream(p.device)  # warm up (compile kernels, set up cuBLAS) outside the default stream
+            side.wait_stream(torch.cuda.current_stream(p.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream(p.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step()
+
+    def _states(self, cache):
+        return cache.wkv + cache.attn_shift + cache.ffn_shift
+
+    def _holds(self, cache):
+        return all(mine is theirs for mine, theirs in zip(self._states(self.cache), self._states(cache)))
+
+    def _lend_to(self, cache):
+        owner = self.owner() if self.owner is not None else None
+        if owner is not None and owner is not cache and self._holds(owner):
+            owner.wkv, owner.attn_shift, owner.ffn_shift = (
+                [t.clone() for t in states] for states in (owner.wkv, owner.attn_shift, owner.ffn_shift)
+            )
+        torch._foreach_copy_(self._states(self.cache), self._states(cache))
+        cache.wkv, cache.attn_shift, cache.ffn_shift = (
+            list(states) for states in (self.cache.wkv, self.cache.attn_shift, self.cache.ffn_shift)
+        )
+        self.owner = weakref.ref(cache)
+
+    def __call__(self, input_ids, attention_mask, cache):
+        if not self._holds(cache):
+            self._lend_to(cache)
+        self.input_ids.copy_(input_ids)
+        if attention_mask is None:
+            self.attention_mask.fill_(1)
+        else:
+            self.attention_mask.copy_(attention_mask[:, -1:])
+        self.graph.replay()
+        cache.num_seen_tokens += 1
+        return self.logits.clone()  # the next replay overwrites the static output
+
+
 class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
     def __init__(self, config: RWKV7Config):
         super().__init__(config)
         self.model = RWKV7Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._decode_graphs = None  # batch size -> RWKV7DecodeGraph; False where graphs cannot be used
         self.post_init()
 
     def get_input_embeddings(self):
@@ -568,8 +637,57 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """labels [B, T]: the loss is next-token cross entropy, shifted inside; label -100 is ignored.
-        logits_to_keep: compute logits for the last n positions only (0: all)."""
+        logits_to_keep: compute logits for the last n positions only (0: all).
+
+        On CUDA, a decoding step (one token per row, a cache that has seen the prompt, no autograd, nothing but
+        logits asked for) replays a CUDA graph of the step (RWKV7DecodeGraph): same results, far fewer launches.
+        """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (
+            input_ids is not None
+            and input_ids.shape[1] == 1
+            and input_ids.is_cuda
+            and isinstance(past_key_values, RWKV7Cache)
+            and len(past_key_values) == self.config.num_hidden_layers
+            and past_key_values.batch_size == input_ids.shape[0]
+            and use_cache is not False
+            and labels is None
+            and not output_hidden_states
+            and not torch.is_grad_enabled()
+            and not torch.cuda.is_current_stream_capturing()
+            and self._decode_graphs_enabled()
+        ):
+            logits = self._decode_graph(input_ids.shape[0])(input_ids, attention_mask, past_key_values)
+            output = CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+            return output if return_dict else output.to_tuple()
+        return self._forward_eager(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=return_dict,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def _forward_eager(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        past_key_values=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -589,6 +707,26 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
         return output if return_dict else output.to_tuple()
+
+    def _decode_graphs_enabled(self):
+        """Graphs need the whole model on one CUDA device (not split with device_map) and in eval mode."""
+        if self._decode_graphs is None:
+            devices = {p.device for p in self.parameters()}
+            self._decode_graphs = {} if len(devices) == 1 and next(iter(devices)).type == "cuda" else False
+        return self._decode_graphs is not False and not self.training
+
+    def _decode_graph(self, batch_size):
+        if batch_size not in self._decode_graphs:
+            self._decode_graphs[batch_size] = RWKV7DecodeGraph(self, batch_size)
+        return self._decode_graphs[batch_size]
+
+    def release_decode_graphs(self):
+        """Frees the CUDA graphs of decoding steps (and their memory); the next decoding step captures anew."""
+        self._decode_graphs = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self.release_decode_graphs()  # .to(), .cuda(), .half() ... move the weights a graph was captured on
+        return super()._apply(fn, *args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,
