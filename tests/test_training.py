@@ -1,0 +1,85 @@
+"""Fine-tuning paths: gradient checkpointing, transformers' Trainer and PEFT LoRA adapters."""
+
+import copy
+
+import torch
+from official import random_official_weights, to_fla
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from configuration_rwkv7 import RWKV7Config
+from modeling_rwkv7 import RWKV7ForCausalLM
+
+VOCAB = 97
+
+
+def make_model(seed=31):
+    config, state = to_fla(random_official_weights(hidden=128, layers=2, head_dim=32, vocab=VOCAB, seed=seed))
+    model = RWKV7ForCausalLM(RWKV7Config(**config))
+    model.load_state_dict(state)
+    return model
+
+
+def batch(seed=0, size=4, length=24):
+    ids = torch.randint(0, VOCAB, (size, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain, checkpointed = make_model(), make_model()
+    checkpointed.gradient_checkpointing_enable()
+    plain.train(), checkpointed.train()
+    inputs = batch()
+    losses = [m(**inputs).loss for m in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, p), (_, q) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class Examples(torch.utils.data.Dataset):
+    def __init__(self, n=16):
+        self.items = [{k: v[0] for k, v in batch(seed=i, size=1).items()} for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_trainer_lowers_the_loss(tmp_path):
+    model = make_model()
+    data = Examples()
+    before = model(**batch(seed=3)).loss.item()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=6,
+                             learning_rate=3e-3, report_to=[], save_strategy="no", logging_steps=100,
+                             use_cpu=True, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    model.eval()
+    with torch.no_grad():
+        after = torch.stack([model(**{k: v[None] for k, v in item.items()}).loss for item in data.items]).mean()
+    assert after.item() < before - 0.5
+
+
+def test_peft_lora_trains_only_the_adapters_and_merges():
+    base = make_model()
+    reference = copy.deepcopy(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"])
+    model = get_peft_model(base, config)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        loss = model(**batch(seed=step)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    inputs = batch(seed=9)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        merged = model.merge_and_unload()(**inputs).logits
+        untouched = reference(**inputs).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(adapted, untouched, atol=1e-4)
