@@ -384,16 +384,16 @@ class RWKV7PreTrainedModel(PreTrainedModel):
         for remote code in every version. Official variants this package does not implement are refused.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
-        # transformers' own report would call unpacked x_x mixes "newly initialized"; every mismatch raises below
+        # transformers' own report of missing and unexpected weights would call unpacked x_x mixes "newly
+        # initialized"; it is dropped, since every real mismatch raises below
         loading_logger = logging.get_logger("transformers.modeling_utils")
-        level = loading_logger.level
-        loading_logger.setLevel(logging.ERROR)
+        loading_logger.addFilter(_drop_loading_report)
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
         finally:
-            loading_logger.setLevel(level)
+            loading_logger.removeFilter(_drop_loading_report)
         missing, unexpected = set(info["missing_keys"]), set(info["unexpected_keys"])
 
         deep_embed = sorted(k for k in unexpected if re.search(r"\.ffn\.(s_emb|s_emb_x|s0|s1|s2)(\.|$)", k))
@@ -434,6 +434,12 @@ class RWKV7PreTrainedModel(PreTrainedModel):
             ignore=shutil.ignore_patterns("__pycache__"),
             dirs_exist_ok=True,
         )
+
+
+def _drop_loading_report(record):
+    """A logging filter: False for transformers' report of missing / unexpected weights (4.x and 5.x wording)."""
+    message = record.getMessage()
+    return not any(m in message for m in ("LOAD REPORT", "newly initialized", "were not used when initializing"))
 
 
 def _read_unpacked_checkpoint(model, folder):
