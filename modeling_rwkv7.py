@@ -14,7 +14,6 @@ PyTorch elsewhere (see `load_kernels` for how this file finds that folder).
 
 import hashlib
 import importlib.util
-import math
 import os
 import re
 import shutil
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -240,44 +238,34 @@ class RWKV7TimeMix(nn.Module):
         the states are updated in place and returned, so a CUDA graph of the step can own them; otherwise the new
         states are new tensors (wkv_state None without a cache).
         """
-        B, T, C = x.shape
-        H, N = self.num_heads, self.head_dim
         x_prev, last_x = kernels.token_shift(x, shift_state, attention_mask)
         mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])  # [6, 1, 1, C]
         x_r, x_w, x_k, x_v, x_a, x_g = torch.addcmul(x, x_prev - x, mixes).unbind(0)  # the six lerps, one kernel
+        if decoding:  # x_prev, which may be a view of shift_state, is used up
+            last_x = shift_state.copy_(last_x)
 
-        r = self.r_proj(x_r)
-        # log of the decay, in float32 at least (bf16 would round decays near 1 to 1 and distort long memory):
-        # decay = exp(-exp(-0.5) * sigmoid(w0 + tanh(x_w W1) W2)) lies in (0.545, 1)
-        w = -math.exp(-0.5) * torch.sigmoid(self.w_lora(x_w).to(torch.promote_types(x.dtype, torch.float32)))
-        k = self.k_proj(x_k)
-        v = self.v_proj(x_v)
-        a = torch.sigmoid(self.a_lora(x_a))
-        g = self.g_lora(x_g)
-
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * (1 + (a - 1) * self.k_a)
-        if self.layer_idx == 0:
-            v_first = v
-        else:
-            v = torch.lerp(v, v_first, torch.sigmoid(self.v_lora(x_v)))
-
-        r, w, k, v, a = (t.view(B, T, H, N) for t in (r, w, k, v, a))
-        if attention_mask is not None:
-            # a padded position leaves the state as it was: no decay (w = 0), no write (k = 0), no transition (kk = 0)
-            keep = attention_mask.view(B, T, 1, 1)
-            w, k, kk = w * keep, k * keep.to(k.dtype), kk * keep.to(kk.dtype)
-
-        if decoding:
-            o = kernels.wkv7_decode_(r, w, k, v, -kk, kk * a, wkv_state)
-            last_x = shift_state.copy_(last_x)  # x_prev, which may be a view of shift_state, is used up
-        else:
-            o, wkv_state = kernels.wkv7(
-                r, w, k, v, -kk, kk * a, initial_state=wkv_state, output_final_state=wkv_state is not None
-            )
-
-        y = kernels.group_norm_bonus(o, r, k, v, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps)
-        return self.o_proj(y * g), v_first, wkv_state, last_x
+        # the decay, kk, the k update, the v_first mix, WKV-7, GroupNorm, the bonus and the gate: see
+        # kernels/ops_reference.py (time_mix_reference)
+        y, v_first, wkv_state = kernels.time_mix(
+            self.r_proj(x_r),
+            self.w_lora(x_w),
+            self.k_proj(x_k),
+            self.v_proj(x_v),
+            self.a_lora(x_a),
+            self.v_lora(x_v) if self.layer_idx > 0 else None,
+            v_first,
+            self.g_lora(x_g),
+            self.k_k,
+            self.k_a,
+            self.r_k,
+            self.g_norm.weight,
+            self.g_norm.bias,
+            self.g_norm.eps,
+            attention_mask,
+            wkv_state,
+            in_place=decoding,
+        )
+        return self.o_proj(y), v_first, wkv_state, last_x
 
 
 class RWKV7ChannelMix(nn.Module):

@@ -10,7 +10,7 @@ copies only flat files, so everything here is imported relatively, from inside t
 
 import torch
 
-from .ops_reference import group_norm_bonus_reference, token_shift_reference
+from .ops_reference import time_mix_reference, token_shift_reference
 from .wkv7_reference import wkv7_reference
 
 try:  # triton is optional: without it (CPU-only installs) every op runs its reference
@@ -34,23 +34,19 @@ def wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seql
     return wkv7_reference(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens)
 
 
-@torch.no_grad()
-def wkv7_decode_(r, w, k, v, a, b, state):
-    """WKV-7 for a few tokens (decoding), no autograd: updates `state` [B, H, K, V] float32 in place, returns o."""
-    if _use_kernels(r, v) and state.is_contiguous():
-        from .wkv7_recurrent import recurrent_wkv7_
+def time_mix(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
+             attention_mask=None, state=None, in_place=False):
+    """The time mix between its projections and o_proj. Arguments and math: ops_reference.time_mix_reference.
+    A decoding step on CUDA (one token, state updated in place) is one fused kernel (time_mix_decode.py)."""
+    if in_place and r.shape[1] == 1 and HAS_TRITON and r.is_cuda and r_k.shape[1] == 64 and state.is_contiguous():
+        from .time_mix_decode import time_mix_decode_
 
-        return recurrent_wkv7_(r, w, k, v, a, b, state)
-    o, final_state = wkv7_reference(r, w, k, v, a, b, state, output_final_state=True)
-    state.copy_(final_state)
-    return o
+        return time_mix_decode_(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias,
+                                gn_eps, attention_mask, state)
+    return time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias,
+                              gn_eps, attention_mask, state, in_place, wkv7=wkv7)
 
 
 def token_shift(x, prev, attention_mask=None):
     """The previous token's x for every position (padding skipped). Math: ops_reference.token_shift_reference."""
     return token_shift_reference(x, prev, attention_mask)
-
-
-def group_norm_bonus(o, r, k, v, r_k, weight, bias, eps):
-    """Per-head GroupNorm of the WKV output plus the bonus term. Math: ops_reference.group_norm_bonus_reference."""
-    return group_norm_bonus_reference(o, r, k, v, r_k, weight, bias, eps)

@@ -1,10 +1,15 @@
-"""The RWKV-7 block's non-WKV ops in plain PyTorch: the references for any fused kernel that replaces them.
+"""The RWKV-7 block's ops around the WKV-7 recurrence, in plain PyTorch: what runs on CPU, and the references for
+the fused kernels that replace them on CUDA (time_mix_decode.py).
 
 Layouts: x [B, T, C] in the model dtype; C = H * N (N = head size, 64 in every released model).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from .wkv7_reference import wkv7_reference
 
 
 def token_shift_reference(x, prev, attention_mask=None):
@@ -30,12 +35,42 @@ def token_shift_reference(x, prev, attention_mask=None):
     return x_prev, new_prev
 
 
-def group_norm_bonus_reference(o, r, k, v, r_k, weight, bias, eps):
-    """GroupNorm of the WKV output per head, plus the current token's bonus (r . (k * r_k)) v.
+def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
+                       attention_mask=None, state=None, in_place=False, wkv7=wkv7_reference):
+    """The time mix between its projections and o_proj: decay, kk, the k update, the v_first mix, WKV-7,
+    the per-head GroupNorm, the bonus and the gate (the official x070 RWKV_x070_TMix, in fla's layouts).
 
-    o, v [B, T, H, N]; r, k [B, T, H, N]; r_k [H, N]; weight, bias [H * N]. Returns [B, T, H * N].
+    r, w_raw, k, v, a_raw, g [B, T, C]: r_proj, w_lora (pre-sigmoid), k_proj, v_proj, a_lora (pre-sigmoid) and
+        g_lora outputs; v_gate_raw [B, T, C] the v_lora output (pre-sigmoid) and v_first [B, T, C] layer 0's v,
+        both None in layer 0, which makes v_first.
+    k_k, k_a, gn_weight, gn_bias [C]; r_k [H, N]; attention_mask [B, T] or None (0 = padding: the state skips it).
+    state [B, H, N, N] float32 or None (zeros; no final state wanted). in_place: write the final state into
+        `state` (decoding) instead of returning a new tensor.
+    wkv7: the WKV-7 recurrence to use (wkv7_reference.py's signature).
+    Returns (y [B, T, C] = gated output for o_proj, v_first, final state or None).
     """
-    B, T, H, N = o.shape
-    y = F.group_norm(o.reshape(B * T, H * N), num_groups=H, weight=weight, bias=bias, eps=eps).view(B, T, H, N)
-    bonus = (r * k * r_k).sum(dim=-1, keepdim=True) * v
-    return (y + bonus).view(B, T, H * N)
+    B, T, C = r.shape
+    H, N = r_k.shape
+    # log of the decay, in float32 at least (bf16 would round decays near 1 to 1 and distort long memory):
+    # decay = exp(-exp(-0.5) * sigmoid(w0 + tanh(x_w W1) W2)) lies in (0.545, 1)
+    w = -math.exp(-0.5) * torch.sigmoid(w_raw.to(torch.promote_types(w_raw.dtype, torch.float32)))
+    a = torch.sigmoid(a_raw)
+    kk = F.normalize((k * k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+    k = k * (1 + (a - 1) * k_a)
+    if v_first is None:
+        v_first = v
+    else:
+        v = torch.lerp(v, v_first, torch.sigmoid(v_gate_raw))
+
+    r, w, k, v, a = (t.view(B, T, H, N) for t in (r, w, k, v, a))
+    if attention_mask is not None:
+        # a padded position leaves the state as it was: no decay (w = 0), no write (k = 0), no transition (kk = 0)
+        keep = attention_mask.view(B, T, 1, 1)
+        w, k, kk = w * keep, k * keep.to(k.dtype), kk * keep.to(kk.dtype)
+    o, final_state = wkv7(r, w, k, v, -kk, kk * a, initial_state=state, output_final_state=state is not None)
+    if in_place:
+        final_state = state.copy_(final_state)
+
+    y = F.group_norm(o.reshape(B * T, C), num_groups=H, weight=gn_weight, bias=gn_bias, eps=gn_eps).view(B, T, H, N)
+    y = y + (r * k * r_k).sum(dim=-1, keepdim=True) * v  # the current token's bonus
+    return y.view(B, T, C) * g, v_first, final_state

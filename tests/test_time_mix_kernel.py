@@ -1,0 +1,66 @@
+"""The fused decoding step of the time mix (kernels/time_mix_decode.py) against its PyTorch reference
+(kernels/ops_reference.py: time_mix_reference) run in float64.
+
+Without CUDA (CI) the kernel runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set below before
+the kernel module is imported); on a CUDA machine the same file runs it on the GPU:
+    python -m pytest tests/test_time_mix_kernel.py
+"""
+
+import os
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("WKV7_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.ops_reference import time_mix_reference  # noqa: E402
+from kernels.time_mix_decode import time_mix_decode_  # noqa: E402
+
+BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 2e-3}
+
+
+def make_inputs(B, H, dtype, first_layer, seed):
+    g = torch.Generator().manual_seed(seed)
+    C, N = H * 64, 64
+
+    def randn(*shape, std=1.0, mean=0.0):
+        return torch.randn(*shape, generator=g) * std + mean
+
+    rows = [randn(B, 1, C) for _ in range(8)]  # r, w_raw, k, v, a_raw, v_gate_raw, v_first, g
+    if first_layer:
+        rows[5] = rows[6] = None
+    params = [randn(C, std=0.1, mean=0.85), randn(C, std=0.1, mean=1.0), randn(H, N, std=0.1),
+              randn(C, std=0.1, mean=1.0), randn(C, std=0.1)]  # k_k, k_a, r_k, gn_weight, gn_bias
+    state = randn(B, H, N, N, std=0.5)
+    mask = torch.ones(B, 1, dtype=torch.long)
+    mask[0] = 0  # row 0 is padding at this step: its state must not move
+    dev = lambda t, dt: None if t is None else t.to(DEVICE, dt)  # noqa: E731
+    return [dev(t, dtype) for t in rows], [dev(t, dtype) for t in params], state.to(DEVICE), mask.to(DEVICE)
+
+
+def rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("first_layer", [True, False], ids=["layer0", "layer1+"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+def test_fused_decode_step_matches_reference(dtype, first_layer, masked):
+    B, H = (3, 2) if DEVICE == "cpu" else (33, 16)
+    rows, params, state, mask = make_inputs(B, H, dtype, first_layer, seed=first_layer + 2 * masked)
+    mask = mask if masked else None
+    double = lambda t: None if t is None else t.double()  # noqa: E731
+    ref_state = state.double().clone()
+    ref_y, ref_v_first, _ = time_mix_reference(*map(double, rows), *map(double, params), 64e-5, mask, ref_state,
+                                               in_place=True)
+    before = state.clone()
+    y, v_first, returned = time_mix_decode_(*rows, *params, 64e-5, mask, state)
+    assert returned is state and y.dtype == dtype and y.shape == (B, 1, H * 64)
+    assert (v_first is rows[3]) if first_layer else (v_first is rows[6])
+    errors = {"y": rel(y, ref_y), "state": rel(state, ref_state)}
+    print(f"\n{DEVICE} {dtype} first_layer={first_layer} masked={masked}: {errors}")
+    assert errors["y"] <= BOUNDS[dtype] and errors["state"] <= BOUNDS[dtype], errors
+    if masked:
+        torch.testing.assert_close(state[0], before[0], rtol=0, atol=0)
