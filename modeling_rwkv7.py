@@ -231,18 +231,18 @@ class RWKV7TimeMix(nn.Module):
         self.g_lora = LoRA(C, config.gate_low_rank_dim, nn.Sigmoid(), bias=False)
         self.g_norm = nn.GroupNorm(H, C, eps=N * config.norm_eps)
 
-    def forward(self, x, v_first, wkv_state, shift_state, attention_mask, decoding):
-        """x [B, T, C] (normalised); wkv_state [B, H, K, V] float32 or None (no cache); shift_state [B, C].
+    def forward(self, x, norm, v_first, wkv_state, shift_state, attention_mask, decoding):
+        """x [B, T, C] (the residual stream, normalised here by `norm`, the block's attn_norm); wkv_state
+        [B, H, K, V] float32 or None (no cache); shift_state [B, C].
 
         Returns (output, v_first, new wkv_state, new shift_state). When `decoding` (one token, a cache, no autograd)
         the states are updated in place and returned, so a CUDA graph of the step can own them; otherwise the new
         states are new tensors (wkv_state None without a cache).
         """
-        x_prev, last_x = kernels.token_shift(x, shift_state, attention_mask)
-        mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])  # [6, 1, 1, C]
-        x_r, x_w, x_k, x_v, x_a, x_g = torch.addcmul(x, x_prev - x, mixes).unbind(0)  # the six lerps, one kernel
-        if decoding:  # x_prev, which may be a view of shift_state, is used up
-            last_x = shift_state.copy_(last_x)
+        mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, -1)
+        (x_r, x_w, x_k, x_v, x_a, x_g), last_x = kernels.norm_shift_mix(
+            x, norm.weight, norm.bias, norm.eps, shift_state, mixes, attention_mask, in_place=decoding
+        )
 
         # the decay, kk, the k update, the v_first mix, WKV-7, GroupNorm, the bonus and the gate: see
         # kernels/ops_reference.py (time_mix_reference)
@@ -277,12 +277,12 @@ class RWKV7ChannelMix(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.value = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x, shift_state, attention_mask, decoding):
-        """x [B, T, C] (normalised), shift_state [B, C]. Returns (output, new shift_state); in place when decoding."""
-        x_prev, last_x = kernels.token_shift(x, shift_state, attention_mask)
-        k = torch.lerp(x, x_prev, self.x_k)
-        if decoding:  # after the last read of x_prev, which may be a view of shift_state
-            last_x = shift_state.copy_(last_x)
+    def forward(self, x, norm, shift_state, attention_mask, decoding):
+        """x [B, T, C] (the residual stream, normalised here by `norm`, the block's ffn_norm), shift_state [B, C].
+        Returns (output, new shift_state); in place when decoding."""
+        (k,), last_x = kernels.norm_shift_mix(
+            x, norm.weight, norm.bias, norm.eps, shift_state, self.x_k.view(1, -1), attention_mask, in_place=decoding
+        )
         return self.value(torch.relu(self.key(k)).square()), last_x
 
 
@@ -305,10 +305,10 @@ class RWKV7Block(nn.Module):
         if hasattr(self, "pre_norm"):
             x = self.pre_norm(x)
         h, v_first, wkv_state, attn_shift = self.attn(
-            self.attn_norm(x), v_first, wkv_state, attn_shift, attention_mask, decoding
+            x, self.attn_norm, v_first, wkv_state, attn_shift, attention_mask, decoding
         )
         x = x + h
-        h, ffn_shift = self.ffn(self.ffn_norm(x), ffn_shift, attention_mask, decoding)
+        h, ffn_shift = self.ffn(x, self.ffn_norm, ffn_shift, attention_mask, decoding)
         return x + h, v_first, wkv_state, attn_shift, ffn_shift
 
 

@@ -10,7 +10,7 @@ copies only flat files, so everything here is imported relatively, from inside t
 
 import torch
 
-from .ops_reference import time_mix_reference, token_shift_reference
+from .ops_reference import norm_shift_mix_reference, time_mix_reference
 from .wkv7_reference import wkv7_reference
 
 try:  # triton is optional: without it (CPU-only installs) every op runs its reference
@@ -47,6 +47,11 @@ def time_mix(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_we
                               gn_eps, attention_mask, state, in_place, wkv7=wkv7)
 
 
-def token_shift(x, prev, attention_mask=None):
-    """The previous token's x for every position (padding skipped). Math: ops_reference.token_shift_reference."""
-    return token_shift_reference(x, prev, attention_mask)
+def norm_shift_mix(x, weight, bias, eps, prev, mixes, attention_mask=None, in_place=False):
+    """LayerNorm, token shift and lerps: the inputs of a time or channel mix. Arguments and math:
+    ops_reference.norm_shift_mix_reference. A decoding step on CUDA is one fused kernel (norm_shift_mix_decode.py)."""
+    if in_place and x.shape[1] == 1 and HAS_TRITON and x.is_cuda and prev.is_contiguous():
+        from .norm_shift_mix_decode import norm_shift_mix_decode_
+
+        return norm_shift_mix_decode_(x, weight, bias, eps, prev, mixes, attention_mask)
+    return norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask, in_place)

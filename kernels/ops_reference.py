@@ -35,6 +35,22 @@ def token_shift_reference(x, prev, attention_mask=None):
     return x_prev, new_prev
 
 
+def norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask=None, in_place=False):
+    """LayerNorm, the token shift, then one lerp per mix: the inputs of a time mix (six mixes) or channel mix (one).
+
+    x [B, T, C] (the residual stream); weight, bias [C] (bias may be None); prev [B, C] (the previous call's last
+    normalised x); mixes [M, C]; attention_mask [B, T] or None.
+    Returns (mixed [M, B, T, C] with mixed[m] = xn + (xn_prev - xn) * mixes[m], the new prev [B, C]). in_place:
+    the new prev is written into `prev` (decoding).
+    """
+    xn = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    xn_prev, last = token_shift_reference(xn, prev, attention_mask)
+    mixed = torch.addcmul(xn, xn_prev - xn, mixes.view(-1, 1, 1, x.shape[-1]))
+    # in place: after the last read of xn_prev, which may be a view of prev; otherwise a copy, not a view that
+    # would keep the whole of xn alive in the cache
+    return mixed, prev.copy_(last) if in_place else last.clone()
+
+
 def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
                        attention_mask=None, state=None, in_place=False, wkv7=wkv7_reference):
     """The time mix between its projections and o_proj: decay, kk, the k update, the v_first mix, WKV-7,

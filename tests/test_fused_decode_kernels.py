@@ -1,9 +1,9 @@
-"""The fused decoding step of the time mix (kernels/time_mix_decode.py) against its PyTorch reference
-(kernels/ops_reference.py: time_mix_reference) run in float64.
+"""The fused kernels of a decoding step (kernels/time_mix_decode.py, kernels/norm_shift_mix_decode.py) against
+their PyTorch references (kernels/ops_reference.py) run in float64.
 
 Without CUDA (CI) the kernel runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set below before
 the kernel module is imported); on a CUDA machine the same file runs it on the GPU:
-    python -m pytest tests/test_time_mix_kernel.py
+    python -m pytest tests/test_fused_decode_kernels.py
 """
 
 import os
@@ -15,7 +15,8 @@ DEVICE = os.environ.get("WKV7_TEST_DEVICE", "cuda" if torch.cuda.is_available() 
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.ops_reference import time_mix_reference  # noqa: E402
+from kernels.norm_shift_mix_decode import norm_shift_mix_decode_  # noqa: E402
+from kernels.ops_reference import norm_shift_mix_reference, time_mix_reference  # noqa: E402
 from kernels.time_mix_decode import time_mix_decode_  # noqa: E402
 
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 2e-3}
@@ -64,3 +65,25 @@ def test_fused_decode_step_matches_reference(dtype, first_layer, masked):
     assert errors["y"] <= BOUNDS[dtype] and errors["state"] <= BOUNDS[dtype], errors
     if masked:
         torch.testing.assert_close(state[0], before[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mixes", [6, 1])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_fused_norm_shift_mix_matches_reference(dtype, mixes, with_bias):
+    B, C = (3, 192) if DEVICE == "cpu" else (33, 2560)  # C not a power of two
+    g = torch.Generator().manual_seed(mixes)
+    x = (torch.randn(B, 1, C, generator=g) * 3 + 1).to(DEVICE, dtype)
+    weight = (torch.randn(C, generator=g) * 0.1 + 1).to(DEVICE, dtype)
+    bias = (torch.randn(C, generator=g) * 0.1).to(DEVICE, dtype) if with_bias else None
+    prev = torch.randn(B, C, generator=g).to(DEVICE, dtype)
+    mix = torch.rand(mixes, C, generator=g).to(DEVICE, dtype)
+    mask = torch.tensor([[0]] + [[1]] * (B - 1), device=DEVICE)
+    ref_prev = prev.double().clone()
+    ref_mixed, _ = norm_shift_mix_reference(x.double(), weight.double(), None if bias is None else bias.double(),
+                                            1e-5, ref_prev, mix.double(), mask, in_place=True)
+    mixed, returned = norm_shift_mix_decode_(x, weight, bias, 1e-5, prev, mix, mask)
+    assert returned is prev and mixed.shape == (mixes, B, 1, C) and mixed.dtype == dtype
+    bound = 1e-6 if dtype == torch.float32 else 5e-3
+    assert rel(mixed, ref_mixed) <= bound and rel(prev, ref_prev) <= bound, (rel(mixed, ref_mixed), rel(prev, ref_prev))
+    assert torch.equal(prev[0].double(), ref_prev[0])  # the padded row keeps its previous x
