@@ -95,3 +95,20 @@ def test_generate_on_gpu_greedy_beam_and_batch():
     assert torch.equal(greedy, eager)
     beams = model.generate(ids, attention_mask=mask, max_new_tokens=10, num_beams=3, do_sample=False)
     assert beams.shape == (2, 22)
+
+
+def test_graph_memory_is_released_with_the_model():
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    model = make_model(seed=4).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        model.generate(torch.randint(1, 1000, (8, 5), device="cuda"), max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+    assert model._decode_graphs  # a graph was captured
+    del model
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == baseline
