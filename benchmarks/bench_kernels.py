@@ -1,0 +1,198 @@
+"""Times the Triton WKV-7 kernels against flash-linear-attention's (fla) on one CUDA GPU, in one run.
+
+    python benchmarks/bench_kernels.py            # needs a CUDA GPU and fla (pip install fla-core)
+
+bf16, head size 64. Chunked WKV-7 (kernels/wkv7_chunk.py) against fla's chunk_rwkv7, called as fla's RWKV-7 layer
+calls it (safe_gate=True, lower_bound=-exp(-0.5), chunk_size=64); the decode step (kernels/wkv7_recurrent.py, one
+token, state updated in place) against fla's fused_mul_recurrent_rwkv7. Times are triton.testing.do_bench medians
+(decode: replays of a CUDA graph, as the model runs it, and plain launches). Peak memory is the most allocated
+during one call beyond the inputs; the floor time is (bytes of inputs + outputs) / measured copy bandwidth.
+Cold start: the first call in a fresh process with an empty Triton cache. Prints a markdown table.
+Arguments pick parts (default all): python benchmarks/bench_kernels.py [fwd] [fwd+bwd] [decode] [cold]
+"""
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
+from kernels.wkv7_recurrent import recurrent_wkv7_  # noqa: E402
+
+LOWER = -math.exp(-0.5)
+K = 64
+
+
+def inputs(B, T, H, requires_grad=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n = lambda: torch.randn(B, T, H, K, device="cuda", generator=g)  # noqa: E731
+    r, k, v = n() * 0.5, n() * 0.5, n()
+    w = LOWER * torch.sigmoid(n() * 2 - 1)
+    kk = F.normalize(n(), dim=-1)
+    a_gate = torch.sigmoid(n())
+    bf = lambda x: x.bfloat16().requires_grad_(requires_grad)  # noqa: E731
+    return dict(r=bf(r), w=w.requires_grad_(requires_grad), k=bf(k), v=bf(v), kk=kk.bfloat16(),
+                a_gate=a_gate.bfloat16(), a=bf(-kk), b=bf(kk * a_gate))
+
+
+def ours(x, **kw):
+    return chunk_wkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], **kw)
+
+
+def fla(x, **kw):
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    return chunk_rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], safe_gate=True, lower_bound=LOWER,
+                       chunk_size=64, **kw)
+
+
+def copy_bandwidth():
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    return 2 * x.numel() / ms / 1e6  # GB/s
+
+
+def peak_extra(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def nbytes(*xs):
+    return sum(x.numel() * x.element_size() for x in xs)
+
+
+def bench_chunk(B, T, H, backward, bw):
+    x = inputs(B, T, H, requires_grad=backward)
+    do = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+    leaves = [x[n] for n in "rwkvab"]
+    if backward:
+        def run(f):
+            o, _ = f(x)
+            torch.autograd.backward(o, do)
+            for t in leaves:
+                t.grad = None
+        floor_bytes = 2 * nbytes(*leaves) + 3 * nbytes(do)  # fwd: inputs, o; bwd: inputs, do, input grads
+    else:
+        def run(f):
+            with torch.no_grad():
+                f(x, output_final_state=True)
+        floor_bytes = nbytes(*leaves) + nbytes(do) + B * H * K * K * 4
+    with torch.no_grad():
+        err = ((ours(x)[0].float() - fla(x)[0].float()).norm() / fla(x)[0].float().norm()).item()
+    row = {}
+    for name, f in (("ours", ours), ("fla", fla)):
+        run(f)
+        row[name] = triton.testing.do_bench(lambda: run(f), return_mode="median")
+        row[name + "_mem"] = peak_extra(lambda: run(f))
+    row["floor_ms"] = floor_bytes / bw / 1e6
+    row["err_vs_fla"] = err
+    return row
+
+
+def bench_decode(B, H):
+    from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7
+
+    x = inputs(B, 1, H)
+    state = torch.randn(B, H, K, K, device="cuda") * 0.3
+    s_fla = state.clone()
+    o_ref = fused_mul_recurrent_rwkv7(x["r"], x["w"], x["k"], x["v"], x["kk"], x["a_gate"], initial_state=s_fla,
+                                      output_final_state=True)[0]
+    o = recurrent_wkv7_(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], state.clone())
+    err = ((o.float() - o_ref.float()).norm() / o_ref.float().norm()).item()
+    fns = {
+        "ours": lambda: recurrent_wkv7_(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], state),
+        "fla": lambda: fused_mul_recurrent_rwkv7(x["r"], x["w"], x["k"], x["v"], x["kk"], x["a_gate"],
+                                                 initial_state=s_fla, output_final_state=True),
+    }
+    row = {"err_vs_fla": err}
+    for name, f in fns.items():
+        f()
+        row[name + "_launch"] = triton.testing.do_bench(f, return_mode="median")
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            row[name] = triton.testing.do_bench_cudagraph(f, return_mode="median")
+        row[name + "_mem"] = peak_extra(f)
+    return row
+
+
+def cold(which):
+    """Runs in a fresh process: first-call latency of forward, forward+backward and decode."""
+    x = inputs(2, 1000, 4, requires_grad=True)
+    f = ours if which == "ours" else fla
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    o, _ = f(x)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    o.float().sum().backward()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    state = torch.zeros(2, 4, K, K, device="cuda")
+    y = inputs(2, 1, 4)
+    if which == "ours":
+        recurrent_wkv7_(y["r"], y["w"], y["k"], y["v"], y["a"], y["b"], state)
+    else:
+        from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7
+
+        fused_mul_recurrent_rwkv7(y["r"], y["w"], y["k"], y["v"], y["kk"], y["a_gate"], initial_state=state,
+                                  output_final_state=True)
+    torch.cuda.synchronize()
+    print(f"COLD {t1 - t0:.2f} {t2 - t1:.2f} {time.perf_counter() - t2:.2f}")
+
+
+def cold_start(which):
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache)
+        out = subprocess.run([sys.executable, __file__, "--cold", which], env=env, capture_output=True, text=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("COLD")]
+    return line[0].split()[1:] if line else ["failed: " + out.stderr[-300:]]
+
+
+def main(parts):
+    import fla as fla_pkg
+
+    bw = copy_bandwidth()
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"fla {getattr(fla_pkg, '__version__', '?')}; copy bandwidth {bw:.0f} GB/s\n")
+    print("| op | B, T, H | ours ms | fla ms | ours/fla | target | floor ms | ours peak MiB | fla peak MiB | "
+          "max rel diff vs fla |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    cases = [((8, 4096, 32), False), ((8, 4096, 32), True), ((8, 4096, 64), True), ((1, 16384, 32), False)]
+    for (B, T, H), backward in cases:
+        if ("fwd+bwd" if backward else "fwd") not in parts:
+            continue
+        r = bench_chunk(B, T, H, backward, bw)
+        print(f"| {'fwd+bwd' if backward else 'fwd'} | {B}, {T}, {H} | {r['ours']:.3f} | {r['fla']:.3f} | "
+              f"{r['ours'] / r['fla']:.2f} | {0.5 if backward else 0.7} | {r['floor_ms']:.3f} | {r['ours_mem']:.0f} | "
+              f"{r['fla_mem']:.0f} | {r['err_vs_fla']:.1e} |", flush=True)
+    for B in (1, 256) if "decode" in parts else ():
+        r = bench_decode(B, 32)
+        floor = (B * 32 * K * K * 4 * 2 + B * 32 * K * 2 * 7) / bw / 1e6
+        print(f"| decode (graph) | {B}, 1, 32 | {r['ours']:.4f} | {r['fla']:.4f} | {r['ours'] / r['fla']:.2f} | 1.0 | "
+              f"{floor:.4f} | {r['ours_mem']:.1f} | {r['fla_mem']:.1f} | {r['err_vs_fla']:.1e} |")
+        print(f"| decode (launch) | {B}, 1, 32 | {r['ours_launch']:.4f} | {r['fla_launch']:.4f} | "
+              f"{r['ours_launch'] / r['fla_launch']:.2f} | 1.0 | {floor:.4f} | | | |", flush=True)
+    if "cold" not in parts:
+        return
+    print("\nCold start, first call in a fresh process with an empty Triton cache (s): fwd, bwd, decode")
+    for which in ("ours", "fla"):
+        print(f"- {which}: {' '.join(cold_start(which))}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--cold":
+        cold(sys.argv[2])
+    else:
+        main(sys.argv[1:] or ["fwd", "fwd+bwd", "decode", "cold"])
