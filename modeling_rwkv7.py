@@ -529,6 +529,17 @@ class RWKV7Model(RWKV7PreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+_WARMUP_STREAMS = {}
+
+
+def _warmup_stream(device):
+    """One side stream per device for graph warm-ups: cuBLAS keeps a workspace for every stream it has run on,
+    so a new stream per graph would leave a workspace behind each time."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
+
 class RWKV7DecodeGraph:
     """A CUDA graph of one decoding step of RWKV7ForCausalLM (one token per row, a fixed batch size), replayed
     instead of launching the step's few hundred kernels one by one from Python.
@@ -555,7 +566,7 @@ class RWKV7DecodeGraph:
             ).logits
 
         with torch.no_grad():
-            side = torch.cuda.Stream(p.device)  # warm up (compile kernels, set up cuBLAS) outside the default stream
+            side = _warmup_stream(p.device)  # warm up (compile kernels, set up cuBLAS) off the capturing stream
             side.wait_stream(torch.cuda.current_stream(p.device))
             with torch.cuda.stream(side):
                 for _ in range(2):

@@ -1,0 +1,43 @@
+"""Where the time of one decoding step goes: the CUDA kernels of an eager step (the step a CUDA graph replays),
+by total time, and the graph replay time for comparison.
+
+    python benchmarks/profile_decode.py [--shape 0.4B] [--batch 1]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import SHAPES, build_ours, step_time  # noqa: E402
+
+
+@torch.no_grad()
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="0.4B", choices=SHAPES)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    model = build_ours(args.shape)
+    print(f"graph replay step: {step_time(model, args.batch) * 1e3:.3f} ms")
+    cache = model(torch.randint(1, 65000, (args.batch, 16), device="cuda"), use_cache=True).past_key_values
+    token = torch.randint(1, 65000, (args.batch, 1), device="cuda")
+    for _ in range(3):
+        model._forward_eager(input_ids=token, past_key_values=cache, return_dict=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model._forward_eager(input_ids=token, past_key_values=cache, return_dict=True)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total_us = sum(e.device_time_total for e in events)
+    count = sum(e.count for e in events)
+    print(f"eager step: {count} kernels, {total_us / 1e3:.3f} ms of kernel time")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
+        print(f"{e.count:5d} x {e.device_time_total / max(e.count, 1):7.2f} us  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
