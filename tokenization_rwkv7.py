@@ -5,11 +5,10 @@ of the ``rwkv`` pip package: no normalisation, no pre-tokenisation, no BOS/EOS. 
 token; it is the pad and eos token, and typed text never encodes to it (the literal ``<|endoftext|>`` is plain
 bytes, as in the official tokenizer).
 
-Speed: the greedy match runs vectorised in numpy. A byte trie of the vocabulary is built at load time (dense
-transition tables for the first three levels, an open-addressing hash table below), every text position walks
-down the trie in lock step, and the greedy chain through the resulting "longest match at each position" array is
-followed with pointer doubling. The encoding is identical to the official one (checked on a large corpus by the
-tests).
+Speed: the greedy match runs vectorised in numpy (see ``_GreedyTrieEncoder``): the text is split at byte pairs
+that occur inside no token (guaranteed token boundaries), and the greedy chains of all pieces are walked in lock
+step over a byte trie built at load time. The encoding is identical to the official one (checked on a large corpus
+and by a randomized property test).
 """
 
 import codecs
@@ -97,9 +96,30 @@ def load_rwkv_vocab(vocab_file: str) -> List[bytes]:
 
 
 class _GreedyTrieEncoder:
-    """Greedy longest-match encoder over bytes, vectorised with numpy."""
+    """Greedy longest-match encoder over bytes, vectorised with numpy.
 
-    _MULT = np.uint32(0x9E3779B1)
+    Longest match at many positions at once (``_longest``): the first two bytes index a 65536-entry table (deepest
+    trie node of depth <= 2); bytes 3 and 4 go through dense 256-entry child blocks of the internal nodes of depth 2
+    and 3; below depth 4 the walk goes two bytes per step through an exact hash table keyed by (node, next byte or
+    two). Only the positions whose walk goes on take part in the next step, and no walk goes past the end of its
+    segment (see below).
+
+    Greedy chain (``encode``): a byte pair that occurs inside no token (e.g. "e" + "\\xe4") is a token boundary of
+    every tokenization, so the text falls into independent segments (about 4 bytes long on typical text). Segments
+    longer than ``CHUNK`` bytes are cut every ``CHUNK`` bytes. Phase 1 walks the greedy chains of all pieces in lock
+    step, one vectorised ``_longest`` per token. A chain that starts at a segment boundary is exact and ends exactly
+    at the next piece. A chain that starts at an artificial cut may be off, so in phase 2 the chain before each cut
+    walks on until it lands on a position visited by a later chain: from there on both coincide (the chain from a
+    position depends only on the position), so the true chain is assembled from exact pieces. Chains that have not
+    met after ``SYNC_STEPS`` steps (periodic runs such as "aaaa...") are finished by a walk over all positions of a
+    window.
+    """
+
+    CHUNK = 128
+    SYNC_STEPS = 64
+    WINDOW = 1 << 16
+    _PAD = 136  # zero bytes after the text: byte 0 never follows another byte in a token, so every walk stops there
+    _MULT = np.uint64(0x9E3779B97F4A7C15)
 
     def __init__(self, tokens: List[bytes]):
         n_tok = len(tokens)
@@ -110,161 +130,285 @@ class _GreedyTrieEncoder:
         ids = np.arange(1, n_tok + 1, dtype=np.int32)
         if int(lens.min()) < 1 or np.count_nonzero(lens == 1) != 256:
             raise ValueError("the vocabulary must contain every single byte")
-        # Trie nodes numbered by depth: depth-1 node of byte b is b; deeper nodes follow, level by level.
+        # Trie nodes numbered level by level; the depth-1 node of byte b is b.
         node = buf[starts]
-        n_nodes = 256
+        parent, label, depth = [np.full(256, -1)], [np.arange(256)], [np.ones(256, np.int64)]
         term = [np.zeros(256, np.int32)]
         term[0][node[lens == 1]] = ids[lens == 1]
-        parent_of = [np.full(256, -1, np.int64)]
-        parents, labels, children = [], [], []
-        level_start = [0, 256]
+        n_nodes = 256
         sel = np.arange(n_tok)
         for d in range(2, int(lens.max()) + 1):
             keep = lens[sel] >= d
             sel, node = sel[keep], node[keep]
-            key = node * 257 + buf[starts[sel] + d - 1]
-            uniq, inv = np.unique(key, return_inverse=True)
+            uniq, inv = np.unique(node * 256 + buf[starts[sel] + d - 1], return_inverse=True)
             inv = inv.reshape(-1)
-            new = np.arange(n_nodes, n_nodes + len(uniq))
-            parents.append(uniq // 257)
-            labels.append(uniq % 257)
-            children.append(new)
-            parent_of.append(uniq // 257)
+            parent.append(uniq >> 8)
+            label.append(uniq & 255)
+            depth.append(np.full(len(uniq), d))
             t = np.zeros(len(uniq), np.int32)
             fin = lens[sel] == d
             t[inv[fin]] = ids[sel[fin]]
             term.append(t)
+            node = n_nodes + inv
             n_nodes += len(uniq)
-            level_start.append(n_nodes)
-            node = new[inv]
-        term = np.concatenate(term)
-        parent_of = np.concatenate(parent_of)
-        depth = np.zeros(n_nodes, np.int32)
-        for d in range(1, len(level_start)):
-            depth[level_start[d - 1] : level_start[d]] = d
-        # Deepest token ending at or above each node (nodes are in level order, so parents come first).
-        best_tok = term.copy()
+        parent, label, depth, term = map(np.concatenate, (parent, label, depth, term))
+        if np.any(label[256:] == 0):
+            raise ValueError("a vocabulary entry has a zero byte after its first byte")
+        has_child = np.zeros(n_nodes, bool)
+        has_child[parent[256:]] = True
+        # Deepest token at or above each node (parents come before children).
+        best_tok = term
         best_len = np.where(term > 0, depth, 0).astype(np.int32)
-        for d in range(2, len(level_start)):
-            lo, hi = level_start[d - 1], level_start[d]
-            miss = best_tok[lo:hi] == 0
-            par = parent_of[lo:hi][miss]
-            best_tok[lo:hi][miss] = best_tok[par]
-            best_len[lo:hi][miss] = best_len[par]
-        self.best_tok = best_tok
-        self.best_len = best_len
-        P = np.concatenate(parents)
-        B = np.concatenate(labels)
-        C = np.concatenate(children)
-        # Dense transitions for parents of depth <= 3, hashed transitions below.
-        self.dense_depth = 3
-        K = level_start[self.dense_depth]
-        dense = np.full(K * 257, -1, np.int32)
-        m = P < K
-        dense[P[m] * 257 + B[m]] = C[m]
-        self.dense = dense
-        hk = (P[~m] * 257 + B[~m]).astype(np.int32)
-        hv = C[~m].astype(np.int32)
-        bits = max(8, int(np.ceil(np.log2(max(1, len(hk)) * 2.5))))
-        self.shift = np.uint32(32 - bits)
-        size = (1 << bits) + 256
-        HK = np.full(size, -1, np.int32)
-        HV = np.full(size, -1, np.int32)
-        home = self._slot(hk).astype(np.int64)
-        pending = np.arange(len(hk))
+        for d in range(2, int(depth.max()) + 1):
+            lv = np.flatnonzero(depth == d)
+            miss = lv[best_tok[lv] == 0]
+            best_tok[miss] = best_tok[parent[miss]]
+            best_len[miss] = best_len[parent[miss]]
+        self.best_tok, self.best_len, self.has_child = best_tok, best_len, has_child
+        # Byte pairs that occur inside no token: the text always splits between them.
+        inner = np.flatnonzero(depth >= 2)
+        inside = np.zeros(65536, bool)
+        inside[label[parent[inner]] | (label[inner] << 8)] = True
+        self.splits = ~inside
+        # First two bytes (little-endian uint16) -> 2 * node + (node has depth 2 and children).
+        t16 = np.repeat(np.arange(256, dtype=np.int64) * 2, 256).reshape(256, 256).T.reshape(-1)
+        d2 = np.flatnonzero(depth == 2)
+        t16[parent[d2] | (label[d2] << 8)] = d2 * 2 + has_child[d2]
+        self.t16 = t16
+        # Depths 3 and 4: dense child blocks for the internal nodes of depths 2 and 3.
+        inner = np.flatnonzero(has_child & ((depth == 2) | (depth == 3)))
+        self.blk = np.full(n_nodes, -1, np.int64)
+        self.blk[inner] = np.arange(len(inner))
+        self.dense = np.full(len(inner) * 256, -1, np.int32)
+        c34 = np.flatnonzero((depth == 3) | (depth == 4))
+        self.dense[self.blk[parent[c34]] * 256 + label[c34]] = c34
+        # Below depth 4, two bytes per step: a node of even depth d >= 6 is keyed by (grandparent, its two bytes),
+        # a node of odd depth d >= 5 by (parent, flag 0x10000, its byte).
+        two = np.flatnonzero((depth >= 6) & (depth % 2 == 0))
+        one = np.flatnonzero((depth >= 5) & (depth % 2 == 1))
+        keys = np.concatenate(
+            [
+                (parent[parent[two]] << 17) | label[parent[two]] | (label[two] << 8),
+                (parent[one] << 17) | 0x10000 | label[one],
+            ]
+        )
+        self.table, self.shift = self._build_table(keys, np.concatenate([two, one]))
+
+    def _build_table(self, keys, vals):
+        """Open addressing with linear probing; an entry is key << 17 | value, -1 when empty."""
+        if int(vals.max()) >= 1 << 17 or int(keys.max()) >= 1 << 35:
+            raise ValueError("vocabulary too large for the packed trie table")
+        nbits = max(8, int(np.ceil(np.log2(len(keys) * 4))))
+        shift = np.uint64(64 - nbits)
+        tab = np.full((1 << nbits) + 256, -1, np.int64)
+        home = ((keys.astype(np.uint64) * self._MULT) >> shift).astype(np.int64)
+        entries = (keys << 17) | vals
+        pending = np.arange(len(keys))
         r = 0
         while len(pending):
             s = home[pending] + r
-            free = HK[s] == -1
-            cand, cs = pending[free], s[free]
-            us, first = np.unique(cs, return_index=True)
-            won = cand[first]
-            HK[us] = hk[won]
-            HV[us] = hv[won]
-            placed = np.zeros(len(hk), bool)
-            placed[won] = True
-            pending = pending[~placed[pending]]
+            free = tab[s] == -1
+            us, first = np.unique(s[free], return_index=True)
+            won = pending[free][first]
+            tab[us] = entries[won]
+            pending = np.setdiff1d(pending, won, assume_unique=True)
             r += 1
             if r >= 256:
                 raise RuntimeError("hash table construction failed")
-        self.HK, self.HV = HK, HV
-
-    def _slot(self, key):
-        return (key.view(np.uint32) * self._MULT) >> self.shift
+        return tab, shift
 
     def _lookup(self, key):
-        s = self._slot(key)
-        k0 = self.HK[s]
-        res = self.HV[s]
-        miss = k0 != key
-        res[miss] = -1
-        pend = np.flatnonzero(miss & (k0 != -1))
+        """Child node for each key, -1 where there is none."""
+        tab = self.table
+        s = ((key.view(np.uint64) * self._MULT) >> self.shift).view(np.int64)
+        e = tab.take(s)
+        hit = (e >> 17) == key
+        res = np.where(hit, e & 0x1FFFF, -1)
+        pend = np.flatnonzero(~hit & (e != -1))
         r = 1
         while len(pend):
-            ss = s[pend] + np.uint32(r)
-            kk = self.HK[ss]
-            hit = kk == key[pend]
-            res[pend[hit]] = self.HV[ss[hit]]
-            pend = pend[~hit & (kk != -1)]
+            ss = s.take(pend) + r
+            e = tab.take(ss)
+            hit = (e >> 17) == key.take(pend)
+            res[pend[hit]] = e[hit] & 0x1FFFF
+            pend = pend[~hit & (e != -1)]
             r += 1
         return res
 
-    BLOCK = 1 << 20
+    def _longest(self, w1, w2, p, lim):
+        """Deepest trie node matching the text at each position in p, not reaching past lim (a token boundary).
 
-    def _descend(self, xp, a, b, final):
-        dense = self.dense
-        f = dense[xp[a:b] * 257 + xp[a + 1 : b + 1]]
-        alive = f >= 0
-        final[a:b] = np.where(alive, f, xp[a:b])
-        idx = np.flatnonzero(alive).astype(np.int32)
-        node = f[idx]
-        idx += a
-        d = 2
-        while len(idx):
-            key = node * 257 + xp[idx + d]
-            child = dense[key] if d <= self.dense_depth else self._lookup(key)
-            ok = child >= 0
-            if not ok.all():
-                dead = ~ok
-                final[idx[dead]] = node[dead]
-                k = np.flatnonzero(ok)
-                idx, node = idx[k], child[k]
-            else:
-                node = child
-            d += 1
+        w1, w2: the text's bytes and byte pairs (little-endian), padded.
+        """
+        t = self.t16.take(w2.take(p))
+        node = t >> 1
+        idx = np.flatnonzero((t & 1).astype(bool) & (p + 2 < lim))  # positions still walking
+        cur = node.take(idx)  # their node, next position and limit
+        q = p.take(idx) + 2
+        lim = lim.take(idx)
+        has_child, blk, dense = self.has_child, self.blk, self.dense
+        for _ in range(2):  # depths 3 and 4
+            c = dense.take(blk.take(cur) * 256 + w1.take(q))
+            hit = np.flatnonzero(c >= 0)
+            cur, idx, q, lim = c.take(hit).astype(np.int64), idx.take(hit), q.take(hit) + 1, lim.take(hit)
+            node[idx] = cur
+            more = np.flatnonzero(has_child.take(cur) & (q < lim))
+            cur, idx, q, lim = cur.take(more), idx.take(more), q.take(more), lim.take(more)
+        while len(idx):  # two bytes per step
+            w = w2.take(q)
+            v = self._lookup((cur << 17) | w)
+            hit = np.flatnonzero(v >= 0)
+            if len(hit) < len(idx):  # no two-byte child: the one-byte child, if any, is the end
+                miss = np.flatnonzero(v < 0)
+                cm = cur.take(miss)
+                v1 = self._lookup((cm << 17) | 0x10000 | (w.take(miss) & 255))
+                node[idx.take(miss)] = np.where(v1 >= 0, v1, cm)
+            cur, idx, q, lim = v.take(hit), idx.take(hit), q.take(hit) + 2, lim.take(hit)
+            node[idx] = cur
+            more = np.flatnonzero(has_child.take(cur) & (q < lim))
+            cur, idx, q, lim = cur.take(more), idx.take(more), q.take(more), lim.take(more)
+        return node
 
-    def encode(self, data: bytes) -> List[int]:
+    def encode(self, data: bytes) -> np.ndarray:
+        """Token ids (int32 array) of the greedy longest-match tokenization of data."""
         n = len(data)
         if n == 0:
-            return []
-        xp = np.empty(n + 131, np.int32)
-        xp[:n] = np.frombuffer(data, np.uint8)
-        xp[n:] = 256  # no transition on 256: every walk stops at the end of the text
-        # final[p]: the deepest trie node reached from position p. Blocks keep the arrays in cache.
-        final = np.empty(n, np.int32)
-        for a in range(0, n, self.BLOCK):
-            self._descend(xp, a, min(n, a + self.BLOCK), final)
-        tok = self.best_tok[final]
-        nxt = np.arange(n + 1, dtype=np.int32)
-        nxt[:n] += self.best_len[final]
-        # Follow the greedy chain from 0 with 16-step jumps, then expand each jump.
-        jump = nxt
-        for _ in range(4):
-            jump = jump[jump]
-        mv = memoryview(jump)
-        p = 0
-        heads = []
-        append = heads.append
-        while p < n:
-            append(p)
-            p = mv[p]
-        rows = np.empty((len(heads), 16), np.int32)
-        rows[:, 0] = heads
-        for i in range(1, 16):
-            rows[:, i] = nxt[rows[:, i - 1]]
-        pos = rows.reshape(-1)
-        pos = pos[pos < n]
-        return tok[pos].tolist()
+            return np.zeros(0, np.int32)
+        w1 = np.frombuffer(data + bytes(self._PAD), np.uint8)
+        w2 = np.ndarray((n + self._PAD - 1,), "<u2", w1, strides=(1,)).astype(np.intp)
+        best_tok, best_len = self.best_tok, self.best_len
+        # Chains start at every guaranteed boundary and every CHUNK bytes inside longer segments.
+        cuts = np.flatnonzero(self.splits.take(w2[: n - 1])) + 1
+        starts = np.concatenate(([0], cuts))
+        seg = np.diff(starts, append=n)
+        C = self.CHUNK
+        long = np.flatnonzero(seg > C)
+        if len(long):
+            reps = (seg[long] - 1) // C
+            k = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + 1
+            starts = np.sort(np.concatenate((starts, np.repeat(starts[long], reps) + k * C)))
+        K = len(starts)
+        ends = np.append(starts[1:], n)
+        bounds = np.append(cuts, n)
+        seg_end = bounds.take(np.searchsorted(bounds, starts, "right")) if len(long) else ends
+        # Phase 1: all chains in lock step. records: per step (chains, their tokens, their positions).
+        records = []
+        chains, q, e, lim = np.arange(K), starts, ends, seg_end
+        stop = ends.copy()  # where each chain stopped
+        while len(chains):
+            node = self._longest(w1, w2, q, lim)
+            records.append((chains, best_tok.take(node), q))
+            q = q + best_len.take(node)
+            done = q >= e
+            if len(long):
+                i = np.flatnonzero(done)
+                stop[chains.take(i)] = q.take(i)
+            i = np.flatnonzero(~done)
+            chains, q, e, lim = chains.take(i), q.take(i), e.take(i), lim.take(i)
+        valid = [None] * len(records)
+        if len(long):
+            self._resync(w1, w2, starts, ends, stop, records, valid)
+        # Output in (chain, step) order.
+        counts = np.zeros(K, np.int64)
+        for (ch, tok, _), ok in zip(records, valid):
+            if isinstance(ch, int):
+                counts[ch] += len(tok)
+            else:
+                counts[ch if ok is None else ch[ok]] += 1
+        offset = np.cumsum(counts) - counts
+        out = np.empty(int(counts.sum()), np.int32)
+        for (ch, tok, _), ok in zip(records, valid):
+            if isinstance(ch, int):
+                out[offset[ch] : offset[ch] + len(tok)] = tok
+                offset[ch] += len(tok)
+                continue
+            if ok is not None:
+                ch, tok = ch[ok], tok[ok]
+            out[offset.take(ch)] = tok
+            offset[ch] += 1
+        return out
+
+    def _resync(self, w1, w2, starts, ends, stop, records, valid):
+        """Phase 2 (chains cut inside a segment): extends ``records``; sets ``valid`` masks for records off the chain."""
+        n, K, n1 = int(ends[-1]), len(starts), len(records)
+        best_tok, best_len = self.best_tok, self.best_len
+        own = np.zeros(n + 1, bool)  # positions visited by phase 1
+        own[n] = True
+        for _, _, q in records:
+            own[q] = True
+        walking = np.flatnonzero(~own.take(stop))
+        for _ in range(self.SYNC_STEPS):
+            if not len(walking):
+                break
+            q = stop.take(walking)
+            node = self._longest(w1, w2, q, np.full(len(q), n))
+            records.append((walking, best_tok.take(node), q))
+            q = q + best_len.take(node)
+            stop[walking] = q
+            walking = walking[~own.take(q)]
+        valid.extend([None] * (len(records) - n1))
+        stuck = np.zeros(K, bool)
+        stuck[walking] = True
+        # The true chain starts in chain 0 and hops to the chain whose positions it meets; chains it jumps over
+        # are off it, and in the chain it enters, the positions before the meeting point are off it.
+        entry = starts.copy()
+        on_path = np.ones(K, bool)
+        skip_to = 0
+        for k in np.flatnonzero(stop != ends).tolist():
+            if k < skip_to:
+                continue
+            b = int(stop[k])
+            if stuck[k]:
+                b = self._walk_until_own(w1, w2, b, own, k, records, valid)
+            r = int(np.searchsorted(starts, b, "right")) - 1 if b < n else K
+            on_path[k + 1 : r] = False
+            if r < K:
+                entry[r] = b
+            skip_to = r
+        entry[~on_path] = ends[~on_path]
+        for i, (ch, _, q) in enumerate(records):
+            if isinstance(ch, int):
+                continue
+            ok = q >= entry.take(ch) if i < n1 else on_path.take(ch)
+            if not ok.all():
+                valid[i] = ok
+
+    def _walk_until_own(self, w1, w2, p, own, k, records, valid):
+        """Chain k's greedy chain from p, over windows of all positions, up to a phase-1 position (returned)."""
+        n = len(own) - 1
+        while True:
+            lo, hi = p, min(n, p + self.WINDOW)
+            node = self._longest(w1, w2, np.arange(lo, hi), np.full(hi - lo, n))
+            lens = self.best_len.take(node).tolist()
+            visited = []
+            while p < hi and not own[p]:
+                visited.append(p - lo)
+                p += lens[p - lo]
+            v = np.array(visited, np.int64)
+            records.append((k, self.best_tok.take(node.take(v)), v + lo))
+            valid.append(None)
+            if p >= n or own[p]:
+                return p
+
+
+class _TokenStrings(list):
+    """The list ``tokenize`` returns; ``ids`` holds the token ids until the list is changed."""
+
+    __slots__ = ("ids",)
+
+    def _forget_ids(name):
+        method = getattr(list, name)
+
+        def wrapper(self, *args, **kwargs):
+            self.ids = None
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop",
+                  "remove", "reverse", "sort", "clear"):
+        locals()[_name] = _forget_ids(_name)
+    del _name, _forget_ids
 
 
 class RWKV7Tokenizer(PreTrainedTokenizer):
@@ -295,6 +439,7 @@ class RWKV7Tokenizer(PreTrainedTokenizer):
         self._byte_to_char = b2u
         self._char_to_byte = {c: i for i, c in enumerate(b2u)}
         self._id_to_str = [EOD_TOKEN] + ["".join([b2u[c] for c in t]) for t in tokens]
+        self._id_to_str_np = np.array(self._id_to_str, dtype=object)
         self._str_to_id = {s: i for i, s in enumerate(self._id_to_str)}
         self._encoder = _GreedyTrieEncoder(tokens)
         kwargs.pop("split_special_tokens", None)
@@ -333,13 +478,30 @@ class RWKV7Tokenizer(PreTrainedTokenizer):
     # ----- encoding ---------------------------------------------------------------------------------------------
     def encode_bytes(self, data: bytes) -> List[int]:
         """Token ids of raw bytes (greedy longest match; equals the official ``encodeBytes``)."""
-        return self._encoder.encode(bytes(data))
+        return self._encoder.encode(bytes(data)).tolist()
 
     def tokenize(self, text: str, **kwargs) -> List[str]:
         # Bypasses transformers' added-token splitter on purpose: RWKV has no in-text special tokens.
+        # transformers encodes text as convert_tokens_to_ids(tokenize(text)); the returned list carries the ids so
+        # that step costs no string lookups.
         ids = self._encoder.encode(text.encode("utf-8"))
-        id_to_str = self._id_to_str
-        return [id_to_str[i] for i in ids]
+        tokens = _TokenStrings(self._id_to_str_np.take(ids).tolist())
+        tokens.ids = ids
+        return tokens
+
+    def _encode_plus(self, *args, **kwargs):
+        # Plain text goes straight to ids (transformers accepts pre-encoded ids here in 4.x and 5.x alike);
+        # everything else (pre-split words, marked chat text, batches in 5.x) takes transformers' own path.
+        if not kwargs.get("is_split_into_words") and not kwargs.get("sanitize_control_tokens"):
+            for name, i in (("text", 0), ("text_pair", 1)):
+                text = kwargs[name] if name in kwargs else args[i] if len(args) > i else None
+                if isinstance(text, str) and text:
+                    ids = self._encoder.encode(text.encode("utf-8")).tolist()
+                    if name in kwargs:
+                        kwargs[name] = ids
+                    else:
+                        args = args[:i] + (ids,) + args[i + 1 :]
+        return super()._encode_plus(*args, **kwargs)
 
     def _tokenize(self, text, **kwargs):
         return self.tokenize(text)
@@ -349,6 +511,8 @@ class RWKV7Tokenizer(PreTrainedTokenizer):
             return None
         if isinstance(tokens, str):
             return self._convert_token_to_id(tokens)
+        if type(tokens) is _TokenStrings and getattr(tokens, "ids", None) is not None:
+            return tokens.ids.tolist()
         table = self._str_to_id
         try:
             return [table[t] for t in tokens]

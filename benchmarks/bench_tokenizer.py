@@ -32,7 +32,7 @@ def corpus(mb):
     return text
 
 
-def best_of(f, n=3):
+def best_of(f, n):
     best, out = float("inf"), None
     for _ in range(n):
         t = time.perf_counter()
@@ -44,25 +44,29 @@ def best_of(f, n=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=3.0)
+    ap.add_argument("--repeat", type=int, default=3, help="best of this many runs, for every timing")
     args = ap.parse_args()
     import transformers  # noqa: F401  (imported before timing loads)
     from rwkv import rwkv_tokenizer
     from tokenization_rwkv7 import RWKV7Tokenizer
 
     official_vocab = os.path.join(os.path.dirname(rwkv_tokenizer.__file__), "rwkv_vocab_v20230424.txt")
-    t_off, official = best_of(lambda: rwkv_tokenizer.TRIE_TOKENIZER(official_vocab), 1)
-    t_ours, tok = best_of(lambda: RWKV7Tokenizer.from_pretrained(str(ROOT)))
+    r = args.repeat
+    t_off, official = best_of(lambda: rwkv_tokenizer.TRIE_TOKENIZER(official_vocab), r)
+    t_ours, tok = best_of(lambda: RWKV7Tokenizer.from_pretrained(str(ROOT)), r)
     text = corpus(args.mb)
     nbytes = len(text.encode("utf-8"))
-    e_off, ids_off = best_of(lambda: official.encode(text), 1)
-    e_ours, ids_ours = best_of(lambda: tok.encode(text))
-    e_raw, _ = best_of(lambda: tok.encode_bytes(text.encode("utf-8")))
-    assert ids_ours == ids_off, "encodings differ"
-    print(f"transformers {transformers.__version__}, text {nbytes / 1e6:.2f} MB, {len(ids_off)} tokens")
+    # The same text for all; each timing includes the str -> UTF-8 step where the API takes str.
+    e_off, ids_off = best_of(lambda: official.encode(text), r)
+    e_enc, ids_enc = best_of(lambda: tok.encode(text), r)
+    e_call, out = best_of(lambda: tok(text), r)
+    e_raw, ids_raw = best_of(lambda: tok.encode_bytes(text.encode("utf-8")), r)
+    assert ids_enc == ids_off and out["input_ids"] == ids_off and ids_raw == ids_off, "encodings differ"
+    mbs = lambda t: f"{nbytes / t / 1e6:.2f} MB/s ({e_off / t:.1f}x)"  # noqa: E731
+    print(f"transformers {transformers.__version__}, text {nbytes / 1e6:.2f} MB, {len(ids_off)} tokens, best of {r}")
     print(f"load:   official TRIE_TOKENIZER {t_off:.3f} s | RWKV7Tokenizer.from_pretrained {t_ours:.3f} s")
-    print(f"encode: official {nbytes / e_off / 1e6:.2f} MB/s | tokenizer.encode {nbytes / e_ours / 1e6:.2f} MB/s "
-          f"| encode_bytes {nbytes / e_raw / 1e6:.2f} MB/s")
-    print(f"ratio (tokenizer.encode / official): {e_off / e_ours:.2f}x; encode_bytes / official: {e_off / e_raw:.2f}x")
+    print(f"encode: official {nbytes / e_off / 1e6:.2f} MB/s | tokenizer.encode {mbs(e_enc)} | tokenizer(text) "
+          f"{mbs(e_call)} | encode_bytes {mbs(e_raw)}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """RWKV World tokenizer: exactness against the official TRIE_TOKENIZER, transformers behaviour, loading paths."""
 
+import copy
 import io
 import json
 import os
@@ -322,3 +323,55 @@ def test_vocab_hash_check_direct(tmp_path):
     bad.write_bytes((ROOT / "rwkv_vocab_v20230424.txt").read_bytes() + b"65530 'x' 1\n")
     with pytest.raises(ValueError, match="not the RWKV World vocabulary"):
         RWKV7Tokenizer(str(bad))
+
+
+def _random_bytes(rng, tokens):
+    """Glued vocab entries, random UTF-8, raw bytes and periodic runs (which exercise the chain re-synchronisation)."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        return b"".join(rng.choice(tokens) for _ in range(rng.randrange(1, 400)))
+    if kind == 1:
+        return _random_codepoint_text(rng, rng.randrange(1, 600)).encode("utf-8", "surrogatepass")
+    if kind == 2:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 1500)))
+    if kind == 3:  # runs of one token, e.g. "aaaa..." or 1000 spaces, glued to other text
+        parts = [rng.choice(tokens) * rng.randrange(1, 700) for _ in range(rng.randrange(1, 4))]
+        return b"".join(p + rng.choice(tokens) for p in parts)
+    pieces = [rng.choice(tokens) for _ in range(rng.randrange(1, 6))]
+    return b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 3000)))
+
+
+@pytest.mark.parametrize("chunk,sync_steps,window", [(None, None, None), (7, 3, 64), (32, 1, 1000)])
+def test_random_bytes_against_official(tok, official, chunk, sync_steps, window):
+    """Property test; small chunk / sync / window sizes force every path of the encoder (cuts, re-sync, fallback)."""
+    enc = copy.copy(tok._encoder)
+    if chunk:
+        enc.CHUNK, enc.SYNC_STEPS, enc.WINDOW = chunk, sync_steps, window
+    rng = random.Random(f"{chunk}-{sync_steps}-{window}")
+    tokens = tok._id_to_bytes[1:]
+    for _ in range(150):
+        raw = _random_bytes(rng, tokens)
+        assert enc.encode(raw).tolist() == official.encodeBytes(raw), raw[:80]
+    big = b"".join(_random_bytes(rng, tokens) for _ in range(40))
+    assert enc.encode(big).tolist() == official.encodeBytes(big)
+
+
+def test_encode_paths_agree(tok, official):
+    texts = [t for t in CORPUS[:60] if t]
+    want = [official.encode(t) for t in texts]
+    assert [tok(t)["input_ids"] for t in texts] == want
+    assert tok(texts)["input_ids"] == want
+    assert [tok.convert_tokens_to_ids(tok.tokenize(t)) for t in texts] == want
+    assert tok(texts[1], texts[2])["input_ids"] == want[1] + want[2]
+    assert tok.encode(texts[3], max_length=2, truncation=True) == want[3][:2]
+    words = ["Hello", " world", "中文"]
+    assert tok(words, is_split_into_words=True)["input_ids"] == [i for w in words for i in official.encode(w)]
+
+
+def test_tokenize_carries_ids(tok):
+    text = "Hello world, 你好 " * 50
+    tokens = tok.tokenize(text)
+    ids = tok.encode(text)
+    assert tok.convert_tokens_to_ids(tokens) == ids == tok.convert_tokens_to_ids(list(tokens))
+    tokens.append(tokens[0])  # changed lists are looked up token by token
+    assert tok.convert_tokens_to_ids(tokens) == ids + ids[:1]
