@@ -195,15 +195,27 @@ class RWKV7Cache(Cache):
         self.num_seen_tokens = 0
 
 
+def linear(module, x, activation=None, residual=None):
+    """residual + activation(module(x)). A plain nn.Linear goes through kernels.linear, which fuses the three on
+    CUDA for batch-1 decoding; any other layer (PEFT, quantised, or hooked by accelerate to move or offload its
+    weights) runs itself, then the activation and residual."""
+    if type(module) is nn.Linear and not hasattr(module, "_hf_hook"):
+        return kernels.linear(x, module.weight, module.bias, activation, residual)
+    return kernels.apply_activation(module(x), activation, residual)
+
+
 class LoRA(nn.Module):
     """x -> act(x A) B (+ bias): the low-rank projections of the time mix (fla's `lora.0`, `lora.2`)."""
+
+    ACTIVATIONS = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: None}
 
     def __init__(self, dim: int, rank: int, activation: nn.Module, bias: bool):
         super().__init__()
         self.lora = nn.Sequential(nn.Linear(dim, rank, bias=False), activation, nn.Linear(rank, dim, bias=bias))
+        self.activation = self.ACTIVATIONS[type(activation)]
 
     def forward(self, x):
-        return self.lora(x)
+        return linear(self.lora[2], linear(self.lora[0], x, self.activation))
 
 
 class RWKV7TimeMix(nn.Module):
@@ -235,7 +247,8 @@ class RWKV7TimeMix(nn.Module):
         """x [B, T, C] (the residual stream, normalised here by `norm`, the block's attn_norm); wkv_state
         [B, H, K, V] float32 or None (no cache); shift_state [B, C].
 
-        Returns (output, v_first, new wkv_state, new shift_state). When `decoding` (one token, a cache, no autograd)
+        Returns (x + the time mix's output, v_first, new wkv_state, new shift_state). When `decoding` (one token, a
+        cache, no autograd)
         the states are updated in place and returned, so a CUDA graph of the step can own them; otherwise the new
         states are new tensors (wkv_state None without a cache).
         """
@@ -247,10 +260,10 @@ class RWKV7TimeMix(nn.Module):
         # the decay, kk, the k update, the v_first mix, WKV-7, GroupNorm, the bonus and the gate: see
         # kernels/ops_reference.py (time_mix_reference)
         y, v_first, wkv_state = kernels.time_mix(
-            self.r_proj(x_r),
+            linear(self.r_proj, x_r),
             self.w_lora(x_w),
-            self.k_proj(x_k),
-            self.v_proj(x_v),
+            linear(self.k_proj, x_k),
+            linear(self.v_proj, x_v),
             self.a_lora(x_a),
             self.v_lora(x_v) if self.layer_idx > 0 else None,
             v_first,
@@ -265,7 +278,7 @@ class RWKV7TimeMix(nn.Module):
             wkv_state,
             in_place=decoding,
         )
-        return self.o_proj(y), v_first, wkv_state, last_x
+        return linear(self.o_proj, y, residual=x), v_first, wkv_state, last_x
 
 
 class RWKV7ChannelMix(nn.Module):
@@ -279,11 +292,11 @@ class RWKV7ChannelMix(nn.Module):
 
     def forward(self, x, norm, shift_state, attention_mask, decoding):
         """x [B, T, C] (the residual stream, normalised here by `norm`, the block's ffn_norm), shift_state [B, C].
-        Returns (output, new shift_state); in place when decoding."""
+        Returns (x + the channel mix's output, new shift_state); in place when decoding."""
         (k,), last_x = kernels.norm_shift_mix(
             x, norm.weight, norm.bias, norm.eps, shift_state, self.x_k.view(1, -1), attention_mask, in_place=decoding
         )
-        return self.value(torch.relu(self.key(k)).square()), last_x
+        return linear(self.value, linear(self.key, k, "relu2"), residual=x), last_x
 
 
 class RWKV7Block(nn.Module):
@@ -304,12 +317,11 @@ class RWKV7Block(nn.Module):
         decoding = wkv_state is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
         if hasattr(self, "pre_norm"):
             x = self.pre_norm(x)
-        h, v_first, wkv_state, attn_shift = self.attn(
+        x, v_first, wkv_state, attn_shift = self.attn(
             x, self.attn_norm, v_first, wkv_state, attn_shift, attention_mask, decoding
         )
-        x = x + h
-        h, ffn_shift = self.ffn(x, self.ffn_norm, ffn_shift, attention_mask, decoding)
-        return x + h, v_first, wkv_state, attn_shift, ffn_shift
+        x, ffn_shift = self.ffn(x, self.ffn_norm, ffn_shift, attention_mask, decoding)
+        return x, v_first, wkv_state, attn_shift, ffn_shift
 
 
 class RWKV7PreTrainedModel(PreTrainedModel):
@@ -704,7 +716,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden = outputs.last_hidden_state
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = linear(self.lm_head, hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

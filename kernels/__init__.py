@@ -10,7 +10,7 @@ copies only flat files, so everything here is imported relatively, from inside t
 
 import torch
 
-from .ops_reference import norm_shift_mix_reference, time_mix_reference
+from .ops_reference import activation_reference, linear_reference, norm_shift_mix_reference, time_mix_reference
 from .wkv7_reference import wkv7_reference
 
 try:  # triton is optional: without it (CPU-only installs) every op runs its reference
@@ -55,3 +55,24 @@ def norm_shift_mix(x, weight, bias, eps, prev, mixes, attention_mask=None, in_pl
 
         return norm_shift_mix_decode_(x, weight, bias, eps, prev, mixes, attention_mask)
     return norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
+
+
+def linear(x, weight, bias=None, activation=None, residual=None):
+    """residual + activation(x W^T + bias) (ops_reference.linear_reference). A single row on CUDA without
+    autograd (batch-1 decoding) is one fused kernel (linear_decode.py)."""
+    if (
+        HAS_TRITON
+        and x.is_cuda
+        and x.numel() == x.shape[-1]
+        and weight.is_contiguous()
+        and not torch.is_grad_enabled()
+    ):
+        from .linear_decode import linear_row
+
+        return linear_row(x, weight, bias, activation, residual)
+    return linear_reference(x, weight, bias, activation, residual)
+
+
+def apply_activation(y, activation=None, residual=None):
+    """residual + activation(y), for a layer that computed y itself. Math: ops_reference.activation_reference."""
+    return activation_reference(y, activation, residual)

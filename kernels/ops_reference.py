@@ -90,3 +90,21 @@ def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, 
     y = F.group_norm(o.reshape(B * T, C), num_groups=H, weight=gn_weight, bias=gn_bias, eps=gn_eps).view(B, T, H, N)
     y = y + (r * k * r_k).sum(dim=-1, keepdim=True) * v  # the current token's bonus
     return y.view(B, T, C) * g, v_first, final_state
+
+
+def activation_reference(y, activation=None, residual=None):
+    """residual + activation(y), activation one of None, "tanh", "sigmoid", "relu2" (relu(y)^2)."""
+    if activation == "tanh":
+        y = torch.tanh(y)
+    elif activation == "sigmoid":
+        y = torch.sigmoid(y)
+    elif activation == "relu2":
+        y = torch.relu(y).square()
+    elif activation is not None:
+        raise ValueError(f"unknown activation {activation!r}")
+    return y if residual is None else residual + y
+
+
+def linear_reference(x, weight, bias=None, activation=None, residual=None):
+    """residual + activation(x W^T + bias): a linear layer with its activation and residual add."""
+    return activation_reference(F.linear(x, weight, bias), activation, residual)

@@ -87,3 +87,23 @@ def test_fused_norm_shift_mix_matches_reference(dtype, mixes, with_bias):
     bound = 1e-6 if dtype == torch.float32 else 5e-3
     assert rel(mixed, ref_mixed) <= bound and rel(prev, ref_prev) <= bound, (rel(mixed, ref_mixed), rel(prev, ref_prev))
     assert torch.equal(prev[0].double(), ref_prev[0])  # the padded row keeps its previous x
+
+
+@pytest.mark.parametrize("activation", [None, "tanh", "sigmoid", "relu2"])
+@pytest.mark.parametrize("shape", [(96, 200), (1030, 64)], ids=["N96_K200", "N1030_K64"])  # N, K: ragged blocks
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "bias_residual"])
+def test_linear_row_matches_reference(activation, shape, extras):
+    from kernels.linear_decode import linear_row
+    from kernels.ops_reference import linear_reference
+
+    N, K = shape
+    g = torch.Generator().manual_seed(N + K)
+    x = torch.randn(1, 1, K, generator=g).to(DEVICE, torch.bfloat16)
+    weight = (torch.randn(N, K, generator=g) / K**0.5).to(DEVICE, torch.bfloat16)
+    bias = torch.randn(N, generator=g).to(DEVICE, torch.bfloat16) if extras else None
+    residual = torch.randn(1, 1, N, generator=g).to(DEVICE, torch.bfloat16) if extras else None
+    y = linear_row(x, weight, bias, activation, residual)
+    ref = linear_reference(x.double(), weight.double(), None if bias is None else bias.double(), activation,
+                           None if residual is None else residual.double())
+    assert y.shape == (1, 1, N) and y.dtype == torch.bfloat16
+    assert rel(y, ref) <= 5e-3, rel(y, ref)
