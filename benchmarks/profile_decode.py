@@ -1,7 +1,7 @@
-"""Where the time of one decoding step goes: the CUDA kernels of an eager step (the step a CUDA graph replays),
-by total time, and the graph replay time for comparison.
+"""Where the time of one forward goes: the CUDA kernels of an eager decoding step (the step a CUDA graph
+replays; --tokens 1) or of a prefill (--tokens 4096), by total time, with the graph replay time for comparison.
 
-    python benchmarks/profile_decode.py [--shape 0.4B] [--batch 1]
+    python benchmarks/profile_decode.py [--shape 0.4B] [--batch 1] [--tokens 1]
 """
 
 import argparse
@@ -20,21 +20,22 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="0.4B", choices=SHAPES)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=1)
     args = parser.parse_args()
     model = build_ours(args.shape)
     print(f"graph replay step: {step_time(model, args.batch) * 1e3:.3f} ms")
     cache = model(torch.randint(1, 65000, (args.batch, 16), device="cuda"), use_cache=True).past_key_values
-    token = torch.randint(1, 65000, (args.batch, 1), device="cuda")
+    tokens = torch.randint(1, 65000, (args.batch, args.tokens), device="cuda")
     for _ in range(3):
-        model._forward_eager(input_ids=token, past_key_values=cache, return_dict=True)
+        model._forward_eager(input_ids=tokens, past_key_values=cache, return_dict=True, logits_to_keep=1)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model._forward_eager(input_ids=token, past_key_values=cache, return_dict=True)
+        model._forward_eager(input_ids=tokens, past_key_values=cache, return_dict=True, logits_to_keep=1)
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total_us = sum(e.device_time_total for e in events)
     count = sum(e.count for e in events)
-    print(f"eager step: {count} kernels, {total_us / 1e3:.3f} ms of kernel time")
+    print(f"eager forward of {args.tokens} token(s): {count} kernels, {total_us / 1e3:.3f} ms of kernel time")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
         print(f"{e.count:5d} x {e.device_time_total / max(e.count, 1):7.2f} us  {e.key[:110]}")
 
