@@ -3,8 +3,11 @@
     python benchmarks/bench_kernels.py            # needs a CUDA GPU and fla (pip install fla-core)
 
 bf16, head size 64. Chunked WKV-7 (kernels/wkv7_chunk.py) against fla's chunk_rwkv7, called as fla's RWKV-7 layer
-calls it (safe_gate=True, lower_bound=-exp(-0.5), chunk_size=64); the decode step (kernels/wkv7_recurrent.py, one
-token, state updated in place) against fla's fused_mul_recurrent_rwkv7. Times are triton.testing.do_bench medians
+calls it (safe_gate=True, lower_bound=-exp(-0.5), chunk_size=64); the decode step against fla's
+fused_mul_recurrent_rwkv7: ours is the model's whole fused time mix of one token (kernels/time_mix_decode.py,
+state updated in place), which beyond fla's WKV step also computes the decay from its logit, the kk normalisation
+and the k update, the per-head GroupNorm, the bonus and the gate; its inputs are built so that its WKV step sees
+fla's r, w, k, v, kk, a (k_k = 1, k_a = 0, first layer), and "max rel diff vs fla" compares the updated states. Times are triton.testing.do_bench medians
 (decode: replays of a CUDA graph, as the model runs it, and plain launches). Peak memory is the most allocated
 during one call beyond the inputs; the floor time is (bytes of inputs + outputs) / measured copy bandwidth.
 Cold start: the first call in a fresh process with an empty Triton cache. Prints a markdown table.
@@ -24,7 +27,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
-from kernels.wkv7_recurrent import recurrent_wkv7_  # noqa: E402
+from kernels.time_mix_decode import time_mix_decode_  # noqa: E402
 
 LOWER = -math.exp(-0.5)
 K = 64
@@ -101,20 +104,37 @@ def bench_chunk(B, T, H, backward, bw):
     return row
 
 
+def decode_inputs(B, H):
+    """fla's arguments (r, w, k, v, kk, a_gate) and ours (time_mix_decode_'s, without the state) for one token,
+    such that our kernel's WKV step sees fla's inputs."""
+    x = inputs(B, 1, H)
+    C = H * K
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w_raw = torch.logit(x["w"] / LOWER)  # -exp(-0.5) * sigmoid(w_raw) = w
+    a_raw = torch.logit(x["a_gate"].float())
+    kk = F.normalize(x["k"].float(), dim=-1).bfloat16()  # = normalize(k * k_k) with k_k = 1
+    row = lambda t: t.reshape(B, 1, C).bfloat16().contiguous()  # noqa: E731
+    ones, zeros = torch.ones(C, device="cuda"), torch.zeros(C, device="cuda")
+    ours_args = (row(x["r"]), row(w_raw), row(x["k"]), row(x["v"]), row(a_raw), None, None,
+                 row(torch.randn(B, 1, C, device="cuda", generator=g)), ones.bfloat16(), zeros.bfloat16(),
+                 torch.randn(H, K, device="cuda", generator=g).bfloat16() * 0.1, ones.bfloat16(), zeros.bfloat16(),
+                 64e-5, None)
+    fla_args = (x["r"], x["w"], x["k"], x["v"], kk, x["a_gate"])
+    return ours_args, fla_args
+
+
 def bench_decode(B, H):
     from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7
 
-    x = inputs(B, 1, H)
+    ours_args, fla_args = decode_inputs(B, H)
     state = torch.randn(B, H, K, K, device="cuda") * 0.3
-    s_fla = state.clone()
-    o_ref = fused_mul_recurrent_rwkv7(x["r"], x["w"], x["k"], x["v"], x["kk"], x["a_gate"], initial_state=s_fla,
-                                      output_final_state=True)[0]
-    o = recurrent_wkv7_(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], state.clone())
-    err = ((o.float() - o_ref.float()).norm() / o_ref.float().norm()).item()
+    s_ours, s_fla = state.clone(), state.clone()
+    time_mix_decode_(*ours_args, s_ours)
+    s_ref = fused_mul_recurrent_rwkv7(*fla_args, initial_state=state.clone(), output_final_state=True)[1]
+    err = ((s_ours - s_ref).norm() / s_ref.norm()).item()
     fns = {
-        "ours": lambda: recurrent_wkv7_(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], state),
-        "fla": lambda: fused_mul_recurrent_rwkv7(x["r"], x["w"], x["k"], x["v"], x["kk"], x["a_gate"],
-                                                 initial_state=s_fla, output_final_state=True),
+        "ours": lambda: time_mix_decode_(*ours_args, s_ours),
+        "fla": lambda: fused_mul_recurrent_rwkv7(*fla_args, initial_state=s_fla, output_final_state=True),
     }
     row = {"err_vs_fla": err}
     for name, f in fns.items():
@@ -140,14 +160,13 @@ def cold(which):
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     state = torch.zeros(2, 4, K, K, device="cuda")
-    y = inputs(2, 1, 4)
+    ours_args, fla_args = decode_inputs(2, 4)
     if which == "ours":
-        recurrent_wkv7_(y["r"], y["w"], y["k"], y["v"], y["a"], y["b"], state)
+        time_mix_decode_(*ours_args, state)
     else:
         from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7
 
-        fused_mul_recurrent_rwkv7(y["r"], y["w"], y["k"], y["v"], y["kk"], y["a_gate"], initial_state=state,
-                                  output_final_state=True)
+        fused_mul_recurrent_rwkv7(*fla_args, initial_state=state, output_final_state=True)
     torch.cuda.synchronize()
     print(f"COLD {t1 - t0:.2f} {t2 - t1:.2f} {time.perf_counter() - t2:.2f}")
 

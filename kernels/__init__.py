@@ -1,8 +1,16 @@
 """The ops modeling_rwkv7.py calls. On CUDA tensors they run the Triton kernels of this folder; everywhere else
 (CPU, or no triton installed) the plain PyTorch reference beside each kernel. Both compute the same function,
-which the tests check. The WKV-7 kernels (wkv7_chunk.py, wkv7_recurrent.py) take head sizes K = V = 64, that of
-every released model; other head sizes run the reference. The kernel modules are imported on first use, so that
-tests can import them under TRITON_INTERPRET=1 (set before their import) to run them on the CPU.
+which the tests check.
+
+    wkv7            chunked WKV-7 over a sequence, forward and backward (wkv7_chunk.py; wkv7_reference.py)
+    time_mix        the time mix between its projections and o_proj; one fused kernel per decoding step
+                    (time_mix_decode.py; ops_reference.time_mix_reference)
+    norm_shift_mix  LayerNorm + token shift + lerps; fused when decoding (norm_shift_mix_decode.py)
+    linear          a linear layer with activation and residual; fused for one row (linear_decode.py)
+
+The WKV-7 kernels take head size 64, that of every released model; other head sizes run the references. The
+kernel modules are imported on first use, so that tests can import them under TRITON_INTERPRET=1 (set before
+their import) to run them on the CPU.
 
 modeling_rwkv7.py imports this folder by path (see `load_kernels` there): transformers' remote-code loader
 copies only flat files, so everything here is imported relatively, from inside this package.
