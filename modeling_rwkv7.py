@@ -156,7 +156,7 @@ class RWKV7Cache(Cache):
         if self.wkv[layer_idx].shape[0] != batch_size:
             raise ValueError(
                 f"the cache holds {self.wkv[layer_idx].shape[0]} sequences but the input has {batch_size}; "
-                "use cache.batch_repeat_interleave(n) to branch each state into n rows"
+                "pass a cache of the same batch size, or one whose batch size divides the input's"
             )
         return self.wkv[layer_idx], self.attn_shift[layer_idx], self.ffn_shift[layer_idx]
 
@@ -510,6 +510,9 @@ class RWKV7Model(RWKV7PreTrainedModel):
                 raise ValueError(f"attention_mask must be [batch, >= {T}] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
             attention_mask = attention_mask[:, -T:]
         cache = past_key_values if past_key_values is not None else (RWKV7Cache() if use_cache else None)
+        if cache is not None and len(cache) and B != cache.batch_size and B % cache.batch_size == 0:
+            # one state per n rows: branch it, as generate expands the rows (num_return_sequences, beams)
+            cache.batch_repeat_interleave(B // cache.batch_size)
 
         all_hidden_states = () if output_hidden_states else None
         v_first = None

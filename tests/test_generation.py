@@ -154,6 +154,12 @@ def test_state_is_reusable_across_questions_and_turns(model):
     for mine, theirs in zip(prefix_cache.wkv + prefix_cache.attn_shift, snapshot.wkv + snapshot.attn_shift):
         assert torch.equal(mine, theirs)  # generating from copies left the original untouched
 
+    # several sampled answers from one prefilled state
+    torch.manual_seed(0)
+    answers = model.generate(torch.tensor([questions[0]]), past_key_values=copy.deepcopy(prefix_cache),
+                             max_new_tokens=5, do_sample=True, temperature=3.0, num_return_sequences=3)
+    assert answers.shape == (3, len(questions[0]) + 5) and len({tuple(a.tolist()) for a in answers}) > 1
+
     # a conversation goes on from the returned cache with only the tokens it has not seen: generate's last token
     # (sampled, never fed back) and the new ones
     first = model.generate(torch.tensor([system]), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)

@@ -194,8 +194,14 @@ def test_cache_copies_are_independent_and_reorderable():
         two.reorder_cache(torch.tensor([1, 1]))
         torch.testing.assert_close(two.wkv[1][0], two.wkv[1][1])
         assert two.get_seq_length() == 0 and two.num_seen_tokens == 6
-        with pytest.raises(ValueError, match="batch_repeat_interleave"):
+        with pytest.raises(ValueError, match="divides"):
             model(torch.tensor([[1], [2], [3]]), past_key_values=two)
+        # a cache of one row serves a batch: each row continues from the same state
+        one = model(ids[:, :6], use_cache=True).past_key_values
+        rows = model(torch.tensor([[TOKENS[6]], [TOKENS[6]], [TOKENS[7]]]), past_key_values=one).logits
+        torch.testing.assert_close(rows[0], rows[1], rtol=0, atol=0)
+        torch.testing.assert_close(rows[0], model(ids).logits[:, 6:7][0], rtol=1e-5, atol=1e-5)
+        assert one.batch_size == 3
         with pytest.raises(NotImplementedError, match="rewound"):
             two.crop(3)
 
