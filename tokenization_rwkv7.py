@@ -5,20 +5,21 @@ of the ``rwkv`` pip package: no normalisation, no pre-tokenisation, no BOS/EOS. 
 token; it is the pad and eos token, and typed text never encodes to it (the literal ``<|endoftext|>`` is plain
 bytes, as in the official tokenizer).
 
-Speed: the greedy match runs vectorised in numpy (see ``_GreedyTrieEncoder``): the text is split at byte pairs
-that occur inside no token (guaranteed token boundaries), and the greedy chains of all pieces are walked in lock
-step over a byte trie built at load time. The encoding is identical to the official one (checked on a large corpus
-and by a randomized property test).
+Speed (see ``_GreedyTrieEncoder``): short texts are walked over a byte trie in pure Python; long texts are split
+at byte pairs that occur inside no token (guaranteed token boundaries), and the greedy chains of all pieces are
+walked in lock step with numpy. Both are identical to the official encoding (checked on a large corpus and by
+randomized property tests, through both paths).
 """
 
 import codecs
 import hashlib
+import itertools
 import os
 import re
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from transformers import PreTrainedTokenizer
+from transformers import BatchEncoding, PreTrainedTokenizer
 
 try:
     from transformers.utils import logging
@@ -39,6 +40,7 @@ VOCAB_SIZE = 65530  # ids 0..65529; id 0 = end of document, ids 1..65529 from th
 EOD_TOKEN = "<|endoftext|>"
 
 _LINE_RE = re.compile(r"^(\d+) (b?)(['\"])(.*)\3 (\d+)$", re.M)
+_PLAIN_KWARGS = frozenset({"add_special_tokens"})  # the only option of a plain encode (it adds nothing)
 _SEP = "\ue000"  # joins str literals for one batched unescape; no vocab token contains U+E000
 
 
@@ -96,30 +98,40 @@ def load_rwkv_vocab(vocab_file: str) -> List[bytes]:
 
 
 class _GreedyTrieEncoder:
-    """Greedy longest-match encoder over bytes, vectorised with numpy.
+    """Greedy longest-match encoder over bytes: a pure-Python walk for short texts, vectorised numpy for long ones.
 
-    Longest match at many positions at once (``_longest``): the first two bytes index a 65536-entry table (deepest
-    trie node of depth <= 2); bytes 3 and 4 go through dense 256-entry child blocks of the internal nodes of depth 2
-    and 3; below depth 4 the walk goes two bytes per step through an exact hash table keyed by (node, next byte or
-    two). Only the positions whose walk goes on take part in the next step, and no walk goes past the end of its
-    segment (see below).
+    Short texts (``SHORT``, ``_encode_short``): the trie is walked byte by byte with one dict lookup per byte
+    ((node << 8 | byte) -> child); the deepest token seen is emitted and the walk restarts after it. This has no
+    fixed cost, so it wins below about 1 KB.
 
-    Greedy chain (``encode``): a byte pair that occurs inside no token (e.g. "e" + "\\xe4") is a token boundary of
-    every tokenization, so the text falls into independent segments (about 4 bytes long on typical text). Segments
-    longer than ``CHUNK`` bytes are cut every ``CHUNK`` bytes. Phase 1 walks the greedy chains of all pieces in lock
-    step, one vectorised ``_longest`` per token. A chain that starts at a segment boundary is exact and ends exactly
-    at the next piece. A chain that starts at an artificial cut may be off, so in phase 2 the chain before each cut
-    walks on until it lands on a position visited by a later chain: from there on both coincide (the chain from a
-    position depends only on the position), so the true chain is assembled from exact pieces. Chains that have not
-    met after ``SYNC_STEPS`` steps (periodic runs such as "aaaa...") are finished by a walk over all positions of a
-    window.
+    Long texts (``_encode_array``):
+
+    * Segments. A byte pair that occurs inside no token (e.g. "e" + "\\xe4") is a token boundary of every
+      tokenization, so the text falls into independent segments (about 4 bytes long on typical text), and no trie
+      walk crosses a segment boundary. A segment of at most 8 bytes that is itself a token (most segments) is
+      looked up whole in a hash table of the tokens of at most 8 bytes, keyed by their bytes as one uint64.
+    * Chains. The greedy chains of the other segments are walked in lock step, one vectorised longest match
+      (``_longest``) per token: the first two bytes index a 65536-entry table (deepest node of depth <= 2), bytes
+      3..``DENSE_DEPTH`` go through dense 256-entry child blocks, and deeper walks go two bytes per step through an
+      exact hash table keyed by (node, next byte or two). Only the positions whose walk goes on take part in the
+      next step.
+    * Long segments. Segments longer than ``CHUNK`` bytes are cut every ``CHUNK`` bytes, so that the lock step
+      needs few steps. A chain that starts at a cut may be off, so the chain before each cut walks on until it
+      lands on a position visited by a later chain: from there on both coincide (the chain from a position depends
+      only on the position), and the true chain is assembled from exact pieces. Chains that have not met after
+      ``SYNC_STEPS`` steps (periodic runs such as "aaaa...") are finished by a walk over all positions of a window.
+    * Output. Every token of the true chain is written at its start position; read in position order, they are
+      the tokenization.
     """
 
+    SHORT = 1024  # texts shorter than this many bytes take the pure-Python walk
     CHUNK = 128
-    SYNC_STEPS = 64
+    DENSE_DEPTH = 4
+    SYNC_STEPS = 256  # lock-step steps for a chain to meet the next (periodic runs meet within about CHUNK)
     WINDOW = 1 << 16
     _PAD = 136  # zero bytes after the text: byte 0 never follows another byte in a token, so every walk stops there
     _MULT = np.uint64(0x9E3779B97F4A7C15)
+    _LOW_BYTES = np.array([0] + [(1 << (8 * k)) - 1 for k in range(1, 8)] + [(1 << 64) - 1], np.uint64)
 
     def __init__(self, tokens: List[bytes]):
         n_tok = len(tokens)
@@ -130,6 +142,8 @@ class _GreedyTrieEncoder:
         ids = np.arange(1, n_tok + 1, dtype=np.int32)
         if int(lens.min()) < 1 or np.count_nonzero(lens == 1) != 256:
             raise ValueError("the vocabulary must contain every single byte")
+        if n_tok >= 1 << 16:
+            raise ValueError("token ids must fit in 16 bits")
         # Trie nodes numbered level by level; the depth-1 node of byte b is b.
         node = buf[starts]
         parent, label, depth = [np.full(256, -1)], [np.arange(256)], [np.ones(256, np.int64)]
@@ -164,139 +178,191 @@ class _GreedyTrieEncoder:
             miss = lv[best_tok[lv] == 0]
             best_tok[miss] = best_tok[parent[miss]]
             best_len[miss] = best_len[parent[miss]]
-        self.best_tok, self.best_len, self.has_child = best_tok, best_len, has_child
+        self.best_tok, self.best_len = best_tok, best_len
+        # For the pure-Python walk: (node << 8 | byte) -> child node, and the two tables above as lists.
+        self.child = dict(zip(((parent[256:] << 8) | label[256:]).tolist(), range(256, n_nodes)))
+        self.best_tok_list, self.best_len_list = best_tok.tolist(), best_len.tolist()
         # Byte pairs that occur inside no token: the text always splits between them.
         inner = np.flatnonzero(depth >= 2)
         inside = np.zeros(65536, bool)
         inside[label[parent[inner]] | (label[inner] << 8)] = True
         self.splits = ~inside
-        # First two bytes (little-endian uint16) -> 2 * node + (node has depth 2 and children).
-        t16 = np.repeat(np.arange(256, dtype=np.int64) * 2, 256).reshape(256, 256).T.reshape(-1)
+        # First two bytes (little-endian uint16) -> deepest node of depth <= 2, and whether the walk goes on from it.
+        self.t16 = np.tile(np.arange(256), 256)
         d2 = np.flatnonzero(depth == 2)
-        t16[parent[d2] | (label[d2] << 8)] = d2 * 2 + has_child[d2]
-        self.t16 = t16
-        # Depths 3 and 4: dense child blocks for the internal nodes of depths 2 and 3.
-        inner = np.flatnonzero(has_child & ((depth == 2) | (depth == 3)))
-        self.blk = np.full(n_nodes, -1, np.int64)
-        self.blk[inner] = np.arange(len(inner))
-        self.dense = np.full(len(inner) * 256, -1, np.int32)
-        c34 = np.flatnonzero((depth == 3) | (depth == 4))
-        self.dense[self.blk[parent[c34]] * 256 + label[c34]] = c34
-        # Below depth 4, two bytes per step: a node of even depth d >= 6 is keyed by (grandparent, its two bytes),
-        # a node of odd depth d >= 5 by (parent, flag 0x10000, its byte).
-        two = np.flatnonzero((depth >= 6) & (depth % 2 == 0))
-        one = np.flatnonzero((depth >= 5) & (depth % 2 == 1))
+        self.t16[parent[d2] | (label[d2] << 8)] = d2
+        self.t16_list = self.t16.tolist()
+        self.t16_on = np.zeros(65536, bool)
+        self.t16_on[parent[d2] | (label[d2] << 8)] = has_child[d2]
+        # Depths 3..DENSE_DEPTH: a dense 256-entry child block (offset ``blk``) for every internal node of depth
+        # 2..DENSE_DEPTH - 1. A missing child is -1, and blk[-1] is a block of -1: a walk that has stopped stays
+        # stopped. Nodes are numbered level by level, so the deeper of two nodes on a path is the larger.
+        D = self.DENSE_DEPTH
+        inner = np.flatnonzero(has_child & (depth >= 2) & (depth < D))
+        self.blk = np.full(n_nodes + 1, len(inner) * 256, np.intp)
+        self.blk[inner] = np.arange(len(inner)) * 256
+        self.dense = np.full((len(inner) + 1) * 256, -1, np.int32)
+        kids = np.flatnonzero((depth >= 3) & (depth <= D))
+        self.dense[self.blk[parent[kids]] + label[kids]] = kids
+        self.has_child = np.append(has_child, False)
+        # Below DENSE_DEPTH, two bytes per step: a node at an even distance below DENSE_DEPTH is keyed by
+        # (grandparent, its two bytes), one at an odd distance by (parent, flag 0x10000, its byte).
+        two = np.flatnonzero((depth >= D + 2) & ((depth - D) % 2 == 0))
+        one = np.flatnonzero((depth >= D + 1) & ((depth - D) % 2 == 1))
         keys = np.concatenate(
             [
                 (parent[parent[two]] << 17) | label[parent[two]] | (label[two] << 8),
                 (parent[one] << 17) | 0x10000 | label[one],
             ]
         )
-        self.table, self.shift = self._build_table(keys, np.concatenate([two, one]))
+        if n_nodes >= 1 << 17:
+            raise ValueError("vocabulary too large for the trie tables")
+        # Tokens of at most 8 bytes by their bytes as a little-endian uint64 (zero-padded; unambiguous, since no
+        # token has a zero byte after its first).
+        few = np.flatnonzero(lens <= 8)
+        padded = np.append(buf, np.zeros(8, np.int64)).take(starts[few, None] + np.arange(8))
+        padded *= np.arange(8) < lens[few, None]
+        self.word_table = self._build_table(padded.astype(np.uint8).view("<u8").reshape(-1), ids[few])
+        self.trie_table = self._build_table(keys.astype(np.uint64), np.concatenate([two, one]))
 
     def _build_table(self, keys, vals):
-        """Open addressing with linear probing; an entry is key << 17 | value, -1 when empty."""
-        if int(vals.max()) >= 1 << 17 or int(keys.max()) >= 1 << 35:
-            raise ValueError("vocabulary too large for the packed trie table")
+        """Exact hash table (open addressing, linear probing) from uint64 keys to nonzero values."""
         nbits = max(8, int(np.ceil(np.log2(len(keys) * 4))))
         shift = np.uint64(64 - nbits)
-        tab = np.full((1 << nbits) + 256, -1, np.int64)
-        home = ((keys.astype(np.uint64) * self._MULT) >> shift).astype(np.int64)
-        entries = (keys << 17) | vals
+        tab_k = np.zeros((1 << nbits) + 256, np.uint64)
+        tab_v = np.zeros((1 << nbits) + 256, vals.dtype)  # 0: empty slot
+        home = ((keys * self._MULT) >> shift).astype(np.intp)
         pending = np.arange(len(keys))
         r = 0
-        while len(pending):
+        while len(pending):  # round r: the keys not placed yet try slot home + r; one of those that collide wins
             s = home[pending] + r
-            free = tab[s] == -1
-            us, first = np.unique(s[free], return_index=True)
-            won = pending[free][first]
-            tab[us] = entries[won]
-            pending = np.setdiff1d(pending, won, assume_unique=True)
+            free = tab_v[s] == 0
+            cand, s = pending[free], s[free]
+            tab_k[s], tab_v[s] = keys[cand], vals[cand]
+            pending = np.concatenate([pending[~free], cand[tab_k[s] != keys[cand]]])
             r += 1
             if r >= 256:
                 raise RuntimeError("hash table construction failed")
-        return tab, shift
+        return tab_k, tab_v, shift
 
-    def _lookup(self, key):
-        """Child node for each key, -1 where there is none."""
-        tab = self.table
-        s = ((key.view(np.uint64) * self._MULT) >> self.shift).view(np.int64)
-        e = tab.take(s)
-        hit = (e >> 17) == key
-        res = np.where(hit, e & 0x1FFFF, -1)
-        pend = np.flatnonzero(~hit & (e != -1))
+    def _lookup(self, table, key):
+        """The value of each key (uint64 array) in a table of ``_build_table``, 0 where there is none."""
+        tab_k, tab_v, shift = table
+        s = ((key * self._MULT) >> shift).astype(np.intp)
+        res = tab_v.take(s)
+        pend = np.flatnonzero((tab_k.take(s) != key) & (res != 0))  # another key in the slot: probe on
+        res[pend] = 0
         r = 1
         while len(pend):
             ss = s.take(pend) + r
-            e = tab.take(ss)
-            hit = (e >> 17) == key.take(pend)
-            res[pend[hit]] = e[hit] & 0x1FFFF
-            pend = pend[~hit & (e != -1)]
+            v = tab_v.take(ss)
+            hit = tab_k.take(ss) == key.take(pend)
+            res[pend[hit]] = v[hit]
+            pend = pend[~hit & (v != 0)]
             r += 1
         return res
 
-    def _longest(self, w1, w2, p, lim):
-        """Deepest trie node matching the text at each position in p, not reaching past lim (a token boundary).
+    def _longest(self, w1, w2, p):
+        """Deepest trie node matching the text at each position in p.
 
-        w1, w2: the text's bytes and byte pairs (little-endian), padded.
+        w1, w2: the text's bytes and byte pairs (a little-endian uint16 view of w1), padded. No walk crosses a segment boundary: the
+        byte pair there occurs inside no token, and the zero padding after the text follows no byte in a token.
         """
-        t = self.t16.take(w2.take(p))
-        node = t >> 1
-        idx = np.flatnonzero((t & 1).astype(bool) & (p + 2 < lim))  # positions still walking
-        cur = node.take(idx)  # their node, next position and limit
+        w = w2[p].astype(np.intp)
+        node = self.t16.take(w)
+        idx = np.flatnonzero(self.t16_on.take(w))  # positions still walking
+        cur = node.take(idx)
         q = p.take(idx) + 2
-        lim = lim.take(idx)
-        has_child, blk, dense = self.has_child, self.blk, self.dense
-        for _ in range(2):  # depths 3 and 4
-            c = dense.take(blk.take(cur) * 256 + w1.take(q))
-            hit = np.flatnonzero(c >= 0)
-            cur, idx, q, lim = c.take(hit).astype(np.int64), idx.take(hit), q.take(hit) + 1, lim.take(hit)
-            node[idx] = cur
-            more = np.flatnonzero(has_child.take(cur) & (q < lim))
-            cur, idx, q, lim = cur.take(more), idx.take(more), q.take(more), lim.take(more)
+        blk, dense = self.blk, self.dense
+        c = cur
+        for k in range(self.DENSE_DEPTH - 2):  # one byte per level, without compaction
+            c = dense.take(blk.take(c) + w1.take(q + k))
+            cur = np.maximum(c, cur)
+        node[idx] = cur
+        more = np.flatnonzero(self.has_child.take(c))  # reached DENSE_DEPTH and goes on
+        cur, idx, q = cur.take(more), idx.take(more), q.take(more) + (self.DENSE_DEPTH - 2)
         while len(idx):  # two bytes per step
-            w = w2.take(q)
-            v = self._lookup((cur << 17) | w)
-            hit = np.flatnonzero(v >= 0)
+            w = w2[q].astype(np.intp)
+            v = self._lookup(self.trie_table, ((cur << 17) | w).view(np.uint64))
+            hit = np.flatnonzero(v > 0)
             if len(hit) < len(idx):  # no two-byte child: the one-byte child, if any, is the end
-                miss = np.flatnonzero(v < 0)
+                miss = np.flatnonzero(v == 0)
                 cm = cur.take(miss)
-                v1 = self._lookup((cm << 17) | 0x10000 | (w.take(miss) & 255))
-                node[idx.take(miss)] = np.where(v1 >= 0, v1, cm)
-            cur, idx, q, lim = v.take(hit), idx.take(hit), q.take(hit) + 2, lim.take(hit)
+                v1 = self._lookup(self.trie_table, ((cm << 17) | 0x10000 | (w.take(miss) & 255)).view(np.uint64))
+                node[idx.take(miss)] = np.maximum(v1, cm)
+            cur, idx, q = v.take(hit), idx.take(hit), q.take(hit) + 2
             node[idx] = cur
-            more = np.flatnonzero(has_child.take(cur) & (q < lim))
-            cur, idx, q, lim = cur.take(more), idx.take(more), q.take(more), lim.take(more)
+            more = np.flatnonzero(self.has_child.take(cur))
+            cur, idx, q = cur.take(more), idx.take(more), q.take(more)
         return node
 
-    def encode(self, data: bytes) -> np.ndarray:
-        """Token ids (int32 array) of the greedy longest-match tokenization of data."""
+    def encode(self, data: bytes) -> List[int]:
+        """Token ids of the greedy longest-match tokenization of data."""
+        if len(data) < self.SHORT or not data:
+            return self._encode_short(data)
+        return self._encode_array(data).tolist()
+
+    def _encode_short(self, data: bytes) -> List[int]:
+        """The greedy walk in pure Python (no fixed numpy cost, for short texts): the first two bytes through the
+        pair table, then one dict lookup per byte."""
+        pair, child, best_tok, best_len = self.t16_list, self.child.get, self.best_tok_list, self.best_len_list
+        data += b"\0"  # stops every walk (byte 0 follows no byte in a token)
+        out = []
+        i, n = 0, len(data) - 1
+        while i < n:
+            node = pair[data[i] | data[i + 1] << 8]
+            if node > 255:  # depth 2: walk on
+                j = i + 2
+                while True:
+                    c = child(node << 8 | data[j])
+                    if c is None:
+                        break
+                    node = c
+                    j += 1
+            out.append(best_tok[node])
+            i += best_len[node]
+        return out
+
+    def _encode_array(self, data: bytes) -> np.ndarray:
+        """Token ids (uint16 array) of the greedy longest-match tokenization of data, vectorised (data not empty)."""
         n = len(data)
-        if n == 0:
-            return np.zeros(0, np.int32)
         w1 = np.frombuffer(data + bytes(self._PAD), np.uint8)
-        w2 = np.ndarray((n + self._PAD - 1,), "<u2", w1, strides=(1,)).astype(np.intp)
+        w2 = np.ndarray((n + self._PAD - 1,), "<u2", w1, strides=(1,))
+        w8 = np.ndarray((n + self._PAD - 7,), "<u8", w1, strides=(1,))
         best_tok, best_len = self.best_tok, self.best_len
         # Chains start at every guaranteed boundary and every CHUNK bytes inside longer segments.
-        cuts = np.flatnonzero(self.splits.take(w2[: n - 1])) + 1
-        starts = np.concatenate(([0], cuts))
-        seg = np.diff(starts, append=n)
+        bound = np.ones(n + 1, bool)  # guaranteed token boundaries, 0 and n included
+        bound[1:n] = self.splits[w2[: n - 1]]
+        b = np.flatnonzero(bound)
+        starts, ends, seg = b[:-1], b[1:], np.diff(b)
         C = self.CHUNK
         long = np.flatnonzero(seg > C)
         if len(long):
             reps = (seg[long] - 1) // C
             k = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + 1
             starts = np.sort(np.concatenate((starts, np.repeat(starts[long], reps) + k * C)))
+            ends = np.append(starts[1:], n)
+            seg = ends - starts
         K = len(starts)
-        ends = np.append(starts[1:], n)
-        bounds = np.append(cuts, n)
-        seg_end = bounds.take(np.searchsorted(bounds, starts, "right")) if len(long) else ends
-        # Phase 1: all chains in lock step. records: per step (chains, their tokens, their positions).
+        # Output: every token of the tokenization is written at its start position (0: no token starts there).
+        at = np.zeros(n, np.uint16)
+        # A segment of at most 8 bytes that is a token is that one token (most segments are).
+        short = np.flatnonzero(seg <= 8)
+        if len(long):  # a piece of a cut segment is not a segment
+            short = short[bound.take(starts.take(short)) & bound.take(ends.take(short))]
+        p = starts.take(short)
+        word = w8[p] & self._LOW_BYTES.take(seg.take(short))
+        tok = self._lookup(self.word_table, word)
+        at[p] = tok
+        # Phase 1: the other chains in lock step. records: per step (chains, their tokens, their positions).
+        walk = np.ones(K, bool)
+        walk[short] = tok == 0
+        chains = np.flatnonzero(walk)
+        q, e = starts.take(chains), ends.take(chains)
         records = []
-        chains, q, e, lim = np.arange(K), starts, ends, seg_end
         stop = ends.copy()  # where each chain stopped
         while len(chains):
-            node = self._longest(w1, w2, q, lim)
+            node = self._longest(w1, w2, q)
             records.append((chains, best_tok.take(node), q))
             q = q + best_len.take(node)
             done = q >= e
@@ -304,36 +370,25 @@ class _GreedyTrieEncoder:
                 i = np.flatnonzero(done)
                 stop[chains.take(i)] = q.take(i)
             i = np.flatnonzero(~done)
-            chains, q, e, lim = chains.take(i), q.take(i), e.take(i), lim.take(i)
+            chains, q, e = chains.take(i), q.take(i), e.take(i)
         valid = [None] * len(records)
         if len(long):
-            self._resync(w1, w2, starts, ends, stop, records, valid)
-        # Output in (chain, step) order.
-        counts = np.zeros(K, np.int64)
-        for (ch, tok, _), ok in zip(records, valid):
-            if isinstance(ch, int):
-                counts[ch] += len(tok)
+            self._resync(w1, w2, starts, ends, stop, records, valid, at != 0)
+        for (_, tok, q), ok in zip(records, valid):
+            if ok is None:
+                at[q] = tok
             else:
-                counts[ch if ok is None else ch[ok]] += 1
-        offset = np.cumsum(counts) - counts
-        out = np.empty(int(counts.sum()), np.int32)
-        for (ch, tok, _), ok in zip(records, valid):
-            if isinstance(ch, int):
-                out[offset[ch] : offset[ch] + len(tok)] = tok
-                offset[ch] += len(tok)
-                continue
-            if ok is not None:
-                ch, tok = ch[ok], tok[ok]
-            out[offset.take(ch)] = tok
-            offset[ch] += 1
-        return out
+                at[q[ok]] = tok[ok]
+        return at.take(np.flatnonzero(at != 0))
 
-    def _resync(self, w1, w2, starts, ends, stop, records, valid):
-        """Phase 2 (chains cut inside a segment): extends ``records``; sets ``valid`` masks for records off the chain."""
+    def _resync(self, w1, w2, starts, ends, stop, records, valid, whole):
+        """Phase 2 (chains cut inside a segment): extends ``records``; sets ``valid`` masks for records off the chain.
+
+        whole: the start positions of the segments that are one token (they took no phase-1 step).
+        """
         n, K, n1 = int(ends[-1]), len(starts), len(records)
         best_tok, best_len = self.best_tok, self.best_len
-        own = np.zeros(n + 1, bool)  # positions visited by phase 1
-        own[n] = True
+        own = np.append(whole, True)  # positions visited by phase 1
         for _, _, q in records:
             own[q] = True
         walking = np.flatnonzero(~own.take(stop))
@@ -341,7 +396,7 @@ class _GreedyTrieEncoder:
             if not len(walking):
                 break
             q = stop.take(walking)
-            node = self._longest(w1, w2, q, np.full(len(q), n))
+            node = self._longest(w1, w2, q)
             records.append((walking, best_tok.take(node), q))
             q = q + best_len.take(node)
             stop[walking] = q
@@ -374,11 +429,16 @@ class _GreedyTrieEncoder:
                 valid[i] = ok
 
     def _walk_until_own(self, w1, w2, p, own, k, records, valid):
-        """Chain k's greedy chain from p, over windows of all positions, up to a phase-1 position (returned)."""
+        """Chain k's greedy chain from p, over windows of all positions, up to a phase-1 position (returned).
+
+        The windows double from 2 * CHUNK bytes up to WINDOW bytes: the chain usually meets one soon.
+        """
         n = len(own) - 1
+        width = min(2 * self.CHUNK, self.WINDOW)
         while True:
-            lo, hi = p, min(n, p + self.WINDOW)
-            node = self._longest(w1, w2, np.arange(lo, hi), np.full(hi - lo, n))
+            lo, hi = p, min(n, p + width)
+            width = min(2 * width, self.WINDOW)
+            node = self._longest(w1, w2, np.arange(lo, hi))
             lens = self.best_len.take(node).tolist()
             visited = []
             while p < hi and not own[p]:
@@ -436,10 +496,11 @@ class RWKV7Tokenizer(PreTrainedTokenizer):
         tokens = load_rwkv_vocab(vocab_file)
         self._id_to_bytes = [b""] + tokens
         b2u = _bytes_to_unicode()
-        self._byte_to_char = b2u
         self._char_to_byte = {c: i for i, c in enumerate(b2u)}
-        self._id_to_str = [EOD_TOKEN] + ["".join([b2u[c] for c in t]) for t in tokens]
-        self._id_to_str_np = np.array(self._id_to_str, dtype=object)
+        # All token strings at once: latin-1 maps bytes to the first 256 code points, translate maps those to b2u.
+        text = b"".join(tokens).decode("latin-1").translate({i: c for i, c in enumerate(b2u)})
+        ends = list(itertools.accumulate(map(len, tokens)))
+        self._id_to_str = [EOD_TOKEN] + [text[a:b] for a, b in zip([0] + ends, ends)]
         self._str_to_id = {s: i for i, s in enumerate(self._id_to_str)}
         self._encoder = _GreedyTrieEncoder(tokens)
         kwargs.pop("split_special_tokens", None)
@@ -478,14 +539,32 @@ class RWKV7Tokenizer(PreTrainedTokenizer):
     # ----- encoding ---------------------------------------------------------------------------------------------
     def encode_bytes(self, data: bytes) -> List[int]:
         """Token ids of raw bytes (greedy longest match; equals the official ``encodeBytes``)."""
-        return self._encoder.encode(bytes(data)).tolist()
+        return self._encoder.encode(bytes(data))
+
+    # tokenizer(text) and tokenizer.encode(text) of one plain str without options skip transformers' machinery
+    # (tens of microseconds per call); they give what it gives, as no special tokens are ever added.
+    def __call__(self, text=None, *args, **kwargs):
+        names = self.model_input_names
+        plain = type(text) is str and not args and (not kwargs or kwargs.keys() <= _PLAIN_KWARGS)
+        if plain and "token_type_ids" not in names:
+            ids = self._encoder.encode(text.encode())
+            data = {"input_ids": ids}
+            if "attention_mask" in names:
+                data["attention_mask"] = [1] * len(ids)
+            return BatchEncoding(data)
+        return super().__call__(text, *args, **kwargs)
+
+    def encode(self, text, *args, **kwargs):
+        if type(text) is str and not args and (not kwargs or kwargs.keys() <= _PLAIN_KWARGS):
+            return self._encoder.encode(text.encode())
+        return super().encode(text, *args, **kwargs)
 
     def tokenize(self, text: str, **kwargs) -> List[str]:
         # Bypasses transformers' added-token splitter on purpose: RWKV has no in-text special tokens.
         # transformers encodes text as convert_tokens_to_ids(tokenize(text)); the returned list carries the ids so
         # that step costs no string lookups.
         ids = self._encoder.encode(text.encode("utf-8"))
-        tokens = _TokenStrings(self._id_to_str_np.take(ids).tolist())
+        tokens = _TokenStrings(map(self._id_to_str.__getitem__, ids))
         tokens.ids = ids
         return tokens
 
@@ -496,7 +575,7 @@ class RWKV7Tokenizer(PreTrainedTokenizer):
             for name, i in (("text", 0), ("text_pair", 1)):
                 text = kwargs[name] if name in kwargs else args[i] if len(args) > i else None
                 if isinstance(text, str) and text:
-                    ids = self._encoder.encode(text.encode("utf-8")).tolist()
+                    ids = self._encoder.encode(text.encode("utf-8"))
                     if name in kwargs:
                         kwargs[name] = ids
                     else:
@@ -512,7 +591,7 @@ class RWKV7Tokenizer(PreTrainedTokenizer):
         if isinstance(tokens, str):
             return self._convert_token_to_id(tokens)
         if type(tokens) is _TokenStrings and getattr(tokens, "ids", None) is not None:
-            return tokens.ids.tolist()
+            return list(tokens.ids)
         table = self._str_to_id
         try:
             return [table[t] for t in tokens]

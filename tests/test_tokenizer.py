@@ -341,19 +341,45 @@ def _random_bytes(rng, tokens):
     return b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 3000)))
 
 
-@pytest.mark.parametrize("chunk,sync_steps,window", [(None, None, None), (7, 3, 64), (32, 1, 1000)])
-def test_random_bytes_against_official(tok, official, chunk, sync_steps, window):
-    """Property test; small chunk / sync / window sizes force every path of the encoder (cuts, re-sync, fallback)."""
+@pytest.mark.parametrize(
+    "short,chunk,sync_steps,window",
+    [(None, None, None, None), (0, 7, 3, 64), (0, 32, 1, 1000), (1 << 30, None, None, None)],
+)
+def test_random_bytes_against_official(tok, official, short, chunk, sync_steps, window):
+    """Property test through both encoders: short=0 forces the vectorised one (with small chunk / sync / window
+    sizes for every path: cuts, re-sync, fallback), short=1 << 30 forces the pure-Python walk."""
     enc = copy.copy(tok._encoder)
+    if short is not None:
+        enc.SHORT = short
     if chunk:
         enc.CHUNK, enc.SYNC_STEPS, enc.WINDOW = chunk, sync_steps, window
     rng = random.Random(f"{chunk}-{sync_steps}-{window}")
     tokens = tok._id_to_bytes[1:]
     for _ in range(150):
         raw = _random_bytes(rng, tokens)
-        assert enc.encode(raw).tolist() == official.encodeBytes(raw), raw[:80]
+        assert enc.encode(raw) == official.encodeBytes(raw), raw[:80]
     big = b"".join(_random_bytes(rng, tokens) for _ in range(40))
-    assert enc.encode(big).tolist() == official.encodeBytes(big)
+    assert enc.encode(big) == official.encodeBytes(big)
+    assert enc.encode(b"") == []
+
+
+@pytest.mark.parametrize("short", [0, 1 << 30])
+def test_corpus_both_encoders(tok, official, short):
+    enc = copy.copy(tok._encoder)
+    enc.SHORT = short
+    for text in CORPUS:
+        assert enc.encode(text.encode("utf-8")) == official.encode(text), repr(text[:80])
+
+
+def test_plain_call_fast_path(tok):
+    """tokenizer(text) / tokenizer.encode(text) without options skip transformers; they must give what it gives."""
+    for text in ["Hello world", "", "中文 😀", "<|endoftext|>", "x" * 3000]:
+        fast = tok(text)
+        slow = tok(text, return_attention_mask=True)
+        assert type(fast) is type(slow) and dict(fast) == dict(slow)
+        assert tok.encode(text) == tok.encode(text, padding=False) == fast["input_ids"]
+        assert tok(text, add_special_tokens=True)["input_ids"] == fast["input_ids"]
+    assert tok("hi", return_tensors="pt")["input_ids"].shape == (1, 1)
 
 
 def test_encode_paths_agree(tok, official):
