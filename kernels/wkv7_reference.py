@@ -17,15 +17,28 @@ import torch
 
 
 def _recurrence(r, w, k, v, a, b, h):
-    """One sequence batch: inputs [B, T, H, *] in the compute dtype, h [B, H, K, V]. Returns o, h."""
-    T = r.shape[1]
+    """One sequence batch: inputs [B, T, H, *] in the compute dtype, h [B, H, K, V]. Returns o, h.
+
+    Each head's state is a [K, V] matrix; the (batch, head) pairs are one batch of matrix products.
+    """
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    h = h.reshape(B * H, K, V)
+    decay = torch.exp(w)
+
+    def column(x, t):  # [B * H, K, 1]
+        return x[:, t].reshape(B * H, -1, 1)
+
+    def row(x, t):  # [B * H, 1, K]
+        return x[:, t].reshape(B * H, 1, -1)
+
     outputs = []
     for t in range(T):
-        r_t, w_t, k_t, v_t, a_t, b_t = r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t]
-        sa = torch.einsum("bhk,bhkv->bhv", a_t, h)  # a^T h, from the state before this step's decay
-        h = h * torch.exp(w_t)[..., None] + b_t[..., None] * sa[..., None, :] + k_t[..., None] * v_t[..., None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", r_t, h))
-    return torch.stack(outputs, dim=1), h
+        sa = torch.bmm(row(a, t), h)  # a^T h, from the state before this step's decay
+        h = torch.baddbmm(torch.baddbmm(h * column(decay, t), column(b, t), sa), column(k, t), row(v, t))
+        outputs.append(torch.bmm(row(r, t), h))  # o = h^T r, from the updated state
+    o = torch.cat(outputs, dim=1).view(B, H, T, V).transpose(1, 2)
+    return o, h.view(B, H, K, V)
 
 
 def wkv7_reference(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seqlens=None):

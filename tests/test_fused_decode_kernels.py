@@ -1,19 +1,16 @@
 """The fused kernels of a decoding step (kernels/time_mix_decode.py, kernels/norm_shift_mix_decode.py) against
 their PyTorch references (kernels/ops_reference.py) run in float64.
 
-Without CUDA (CI) the kernel runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set below before
+Without CUDA (CI) the kernel runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
 the kernel module is imported); on a CUDA machine the same file runs it on the GPU:
     python -m pytest tests/test_fused_decode_kernels.py
 """
 
-import os
 
 import pytest
 import torch
 
-DEVICE = os.environ.get("WKV7_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import KERNEL_TEST_DEVICE as DEVICE  # noqa: E402  (conftest set TRITON_INTERPRET for the CPU)
 
 from kernels.norm_shift_mix_decode import norm_shift_mix_decode_  # noqa: E402
 from kernels.ops_reference import norm_shift_mix_reference, time_mix_reference  # noqa: E402

@@ -3,22 +3,19 @@
 Errors are relative RMS, ||x - ref|| / ||ref||, against kernels/wkv7_reference.py run in float64 on the same
 (rounded) inputs, for the output, the final state and every gradient (r, w, k, v, a, b, initial state).
 
-Without CUDA (CI), the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set below before
+Without CUDA (CI), the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
 the kernel modules are imported) at small shapes. On a CUDA machine the same file runs them on the GPU, at larger
 shapes too, T = 65536 included (no drift over long sequences):
     python -m pytest tests/test_kernels.py            # on a CUDA machine; WKV7_TEST_DEVICE=cpu forces the CPU
 On the GPU this takes several minutes, mostly the float64 reference's Python loop over time steps.
 """
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-DEVICE = os.environ.get("WKV7_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import KERNEL_TEST_DEVICE as DEVICE  # noqa: E402  (conftest set TRITON_INTERPRET for the CPU)
 
 triton = pytest.importorskip("triton")
 
