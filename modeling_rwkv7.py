@@ -225,7 +225,6 @@ class RWKV7TimeMix(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         C, H, N = config.hidden_size, config.num_heads, config.head_dim
-        self.num_heads, self.head_dim = H, N
         self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (
             nn.Parameter(torch.empty(1, 1, C)) for _ in range(6)
         )
@@ -248,9 +247,8 @@ class RWKV7TimeMix(nn.Module):
         [B, H, K, V] float32 or None (no cache); shift_state [B, C].
 
         Returns (x + the time mix's output, v_first, new wkv_state, new shift_state). When `decoding` (one token, a
-        cache, no autograd)
-        the states are updated in place and returned, so a CUDA graph of the step can own them; otherwise the new
-        states are new tensors (wkv_state None without a cache).
+        cache, no autograd) the states are updated in place and returned, so a CUDA graph of the step can own them;
+        otherwise the new states are new tensors (wkv_state None without a cache).
         """
         mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, -1)
         (x_r, x_w, x_k, x_v, x_a, x_g), last_x = kernels.norm_shift_mix(
