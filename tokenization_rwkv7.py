@@ -536,6 +536,17 @@ class RWKV7Tokenizer(PreTrainedTokenizer):
     def __len__(self) -> int:
         return VOCAB_SIZE
 
+    def _add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        """The World vocabulary is fixed: its ids are the model's embedding rows, and encoding never splits text on
+        added tokens. Tokens already in it (``<|endoftext|>``, id 0) register as usual; new ones are refused."""
+        unknown = [str(t) for t in new_tokens if str(t) not in self._str_to_id]
+        if unknown:
+            raise ValueError(
+                f"cannot add tokens {unknown}: the RWKV World vocabulary is fixed (the model has no embedding rows "
+                "for new tokens, and text is always encoded byte by byte)"
+            )
+        return super()._add_tokens(new_tokens, special_tokens=special_tokens)
+
     # ----- encoding ---------------------------------------------------------------------------------------------
     def encode_bytes(self, data: bytes) -> List[int]:
         """Token ids of raw bytes (greedy longest match; equals the official ``encodeBytes``)."""

@@ -186,6 +186,17 @@ def official_decode_last(tok):
     return tok._id_to_bytes[65529].decode("utf-8", errors="replace")
 
 
+def test_vocabulary_is_fixed():
+    tok = RWKV7Tokenizer(str(ROOT / "rwkv_vocab_v20230424.txt"))  # its own: a refused add leaves it half-changed
+    before = len(tok)
+    with pytest.raises(ValueError, match="vocabulary is fixed"):
+        tok.add_tokens(["<my_token>"])
+    with pytest.raises(ValueError, match="vocabulary is fixed"):
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    assert tok.add_tokens(["<|endoftext|>"], special_tokens=True) == 0 and len(tok) == before
+    assert tok.encode("<my_token>") == tok.encode_bytes(b"<my_token>")
+
+
 def test_vocab_hash_check(tmp_path, model_dir):
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)
