@@ -711,15 +711,16 @@ def push(folder, repo_id, revision=None, create_pr=False, private=False, dry_run
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+    _commit(api, repo_id, operations, "Upload RWKV-7 model (converted with upload_to_hub.py)", revision, create_pr)
+    return operations
+
+
+def _commit(api, repo_id, operations, message, revision, create_pr):
+    """One commit (or pull request) with `operations`; prints where it landed."""
     commit = api.create_commit(
-        repo_id,
-        operations=operations,
-        commit_message="Upload RWKV-7 model (converted with upload_to_hub.py)",
-        revision=revision,
-        create_pr=create_pr,
+        repo_id, operations=operations, commit_message=message, revision=revision, create_pr=create_pr
     )
     print(getattr(commit, "pr_url", None) or getattr(commit, "commit_url", commit))
-    return operations
 
 
 # What update-code fetches of a repo: everything plan_update reads, and no weights.
@@ -742,14 +743,8 @@ def update_code(repo_ids, revision=None, create_pr=False, dry_run=False, api=Non
         existing = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
         print(describe(repo_id, operations, existing))
         if not dry_run:
-            commit = api.create_commit(
-                repo_id,
-                operations=operations,
-                commit_message="Update the RWKV-7 code package (upload_to_hub.py update-code)",
-                revision=revision,
-                create_pr=create_pr,
-            )
-            print(getattr(commit, "pr_url", None) or getattr(commit, "commit_url", commit))
+            _commit(api, repo_id, operations, "Update the RWKV-7 code package (upload_to_hub.py update-code)",
+                    revision, create_pr)
     return plans
 
 
