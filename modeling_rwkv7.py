@@ -204,8 +204,35 @@ def linear(module, x, activation=None, residual=None):
     return kernels.apply_activation(module(x), activation, residual)
 
 
+def _plain_linear(module):
+    """An nn.Linear whose weight the fused decoding kernels may read directly: not a PEFT or quantised layer, and
+    not hooked by accelerate (which moves or offloads its weight around each call)."""
+    return type(module) is nn.Linear and not hasattr(module, "_hf_hook")
+
+
+def norm_mix_project(x, norm, shift_state, projections, attention_mask, decoding):
+    """The input side of a time or channel mix: x normalised by `norm`, token-shifted, one lerp per projection, and
+    the projections: [activation(module(xn + (xn_prev - xn) * mix))] for (mix, module, activation) in projections.
+
+    Returns (the outputs in order, the new shift state). A decoding step on CUDA with plain nn.Linear modules runs
+    the fused kernels (kernels.fused_norm_mix_linear); otherwise norm/shift/lerps, then each module.
+    """
+    if decoding and kernels.fused_decoding(x) and all(_plain_linear(m) for _, m, _ in projections):
+        outputs = kernels.fused_norm_mix_linear(
+            x, norm.weight, norm.bias, norm.eps, shift_state, [(mix, m.weight, act) for mix, m, act in projections],
+            attention_mask,
+        )
+        return outputs, shift_state
+    mixes = torch.stack([mix.reshape(-1) for mix, _, _ in projections])
+    mixed, last_x = kernels.norm_shift_mix(
+        x, norm.weight, norm.bias, norm.eps, shift_state, mixes, attention_mask, in_place=decoding
+    )
+    return [linear(m, xm, act) for xm, (_, m, act) in zip(mixed, projections)], last_x
+
+
 class LoRA(nn.Module):
-    """x -> act(x A) B (+ bias): the low-rank projections of the time mix (fla's `lora.0`, `lora.2`)."""
+    """x -> act(x A) B (+ bias): the low-rank projections of the time mix (fla's `lora.0`, `lora.2`). The time mix
+    applies the two halves itself (`down`, `up`): the down-projection is fused with the other input projections."""
 
     ACTIVATIONS = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: None}
 
@@ -214,8 +241,13 @@ class LoRA(nn.Module):
         self.lora = nn.Sequential(nn.Linear(dim, rank, bias=False), activation, nn.Linear(rank, dim, bias=bias))
         self.activation = self.ACTIVATIONS[type(activation)]
 
-    def forward(self, x):
-        return linear(self.lora[2], linear(self.lora[0], x, self.activation))
+    @property
+    def down(self):
+        return self.lora[0]
+
+    @property
+    def up(self):
+        return self.lora[2]
 
 
 class RWKV7TimeMix(nn.Module):
@@ -250,32 +282,38 @@ class RWKV7TimeMix(nn.Module):
         cache, no autograd) the states are updated in place and returned, so a CUDA graph of the step can own them;
         otherwise the new states are new tensors (wkv_state None without a cache).
         """
-        mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g]).view(6, -1)
-        (x_r, x_w, x_k, x_v, x_a, x_g), last_x = kernels.norm_shift_mix(
-            x, norm.weight, norm.bias, norm.eps, shift_state, mixes, attention_mask, in_place=decoding
-        )
+        # r, k, v and the LoRA down-projections, all reading lerps of the normalised x
+        loras = {"w": (self.x_w, self.w_lora), "a": (self.x_a, self.a_lora), "g": (self.x_g, self.g_lora)}
+        if self.layer_idx > 0:
+            loras["v"] = (self.x_v, self.v_lora)
+        projections = [(self.x_r, self.r_proj, None), (self.x_k, self.k_proj, None), (self.x_v, self.v_proj, None)]
+        projections += [(mix, lora.down, lora.activation) for mix, lora in loras.values()]
+        (r, k, v, *hidden), last_x = norm_mix_project(x, norm, shift_state, projections, attention_mask, decoding)
+        hidden = dict(zip(loras, hidden))  # "w" -> tanh(x_w W1), ...
 
-        # the decay, kk, the k update, the v_first mix, WKV-7, GroupNorm, the bonus and the gate: see
-        # kernels/ops_reference.py (time_mix_reference)
-        y, v_first, wkv_state = kernels.time_mix(
-            linear(self.r_proj, x_r),
-            self.w_lora(x_w),
-            linear(self.k_proj, x_k),
-            linear(self.v_proj, x_v),
-            self.a_lora(x_a),
-            self.v_lora(x_v) if self.layer_idx > 0 else None,
-            v_first,
-            self.g_lora(x_g),
-            self.k_k,
-            self.k_a,
-            self.r_k,
-            self.g_norm.weight,
-            self.g_norm.bias,
-            self.g_norm.eps,
-            attention_mask,
-            wkv_state,
-            in_place=decoding,
-        )
+        # the LoRA up-projections, the decay, kk, the k update, the v_first mix, WKV-7, GroupNorm, the bonus and
+        # the gate: see kernels/ops_reference.py (time_mix_reference)
+        norms = (self.k_k, self.k_a, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps)
+        ups = {name: lora.up for name, (_, lora) in loras.items()}
+        if (
+            decoding
+            and kernels.fused_decoding(x, head_dim=self.r_k.shape[1])
+            and all(_plain_linear(up) for up in ups.values())
+        ):
+            def lora(name):  # (hidden activations, up weight, bias) for the fused kernel
+                return (hidden[name], ups[name].weight, ups[name].bias) if name in hidden else None
+
+            y, v_first, wkv_state = kernels.fused_time_mix(
+                r, k, v, lora("w"), lora("a"), lora("v"), lora("g"), v_first, *norms, attention_mask, wkv_state
+            )
+        else:
+            def lora(name):  # the LoRA's output
+                return linear(ups[name], hidden[name]) if name in hidden else None
+
+            y, v_first, wkv_state = kernels.time_mix(
+                r, lora("w"), k, v, lora("a"), lora("v"), v_first, lora("g"), *norms, attention_mask, wkv_state,
+                in_place=decoding,
+            )
         return linear(self.o_proj, y, residual=x), v_first, wkv_state, last_x
 
 
@@ -291,10 +329,8 @@ class RWKV7ChannelMix(nn.Module):
     def forward(self, x, norm, shift_state, attention_mask, decoding):
         """x [B, T, C] (the residual stream, normalised here by `norm`, the block's ffn_norm), shift_state [B, C].
         Returns (x + the channel mix's output, new shift_state); in place when decoding."""
-        (k,), last_x = kernels.norm_shift_mix(
-            x, norm.weight, norm.bias, norm.eps, shift_state, self.x_k.view(1, -1), attention_mask, in_place=decoding
-        )
-        return linear(self.value, linear(self.key, k, "relu2"), residual=x), last_x
+        (k,), last_x = norm_mix_project(x, norm, shift_state, [(self.x_k, self.key, "relu2")], attention_mask, decoding)
+        return linear(self.value, k, residual=x), last_x
 
 
 class RWKV7Block(nn.Module):

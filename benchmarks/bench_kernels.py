@@ -5,9 +5,11 @@
 bf16, head size 64. Chunked WKV-7 (kernels/wkv7_chunk.py) against fla's chunk_rwkv7, called as fla's RWKV-7 layer
 calls it (safe_gate=True, lower_bound=-exp(-0.5), chunk_size=64); the decode step against fla's
 fused_mul_recurrent_rwkv7: ours is the model's whole fused time mix of one token (kernels/time_mix_decode.py,
-state updated in place), which beyond fla's WKV step also computes the decay from its logit, the kk normalisation
-and the k update, the per-head GroupNorm, the bonus and the gate; its inputs are built so that its WKV step sees
-fla's r, w, k, v, kk, a (k_k = 1, k_a = 0, first layer), and "max rel diff vs fla" compares the updated states. Times are triton.testing.do_bench medians
+state updated in place), which beyond fla's WKV step also computes the LoRA up-projections, the decay, the kk
+normalisation and the k update, the per-head GroupNorm, the bonus and the gate. fla's inputs are computed from
+ours, so both WKV steps see the same r, w, k, v, kk, a, and "max rel diff vs fla" compares the updated states. A
+second decode row times fla's kernel together with the PyTorch ops its layer runs for the same work.
+Times are triton.testing.do_bench medians
 (decode: replays of a CUDA graph, as the model runs it, and plain launches). Peak memory is the most allocated
 during one call beyond the inputs; the floor time is (bytes of inputs + outputs) / measured copy bandwidth.
 Cold start: the first call in a fresh process with an empty Triton cache. Prints a markdown table.
@@ -27,7 +29,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
-from kernels.time_mix_decode import time_mix_decode_  # noqa: E402
+from kernels import fused_time_mix  # noqa: E402
 
 LOWER = -math.exp(-0.5)
 K = 64
@@ -105,36 +107,57 @@ def bench_chunk(B, T, H, backward, bw):
 
 
 def decode_inputs(B, H):
-    """fla's arguments (r, w, k, v, kk, a_gate) and ours (time_mix_decode_'s, without the state) for one token,
-    such that our kernel's WKV step sees fla's inputs."""
-    x = inputs(B, 1, H)
+    """Ours (time_mix_decode_'s arguments without the state: LoRA hidden activations of the 0.4B ranks, first layer,
+    k_k = 1, k_a = 0) and fla's (r, w, k, v, kk, a_gate) computed from them, so both WKV steps see the same
+    inputs, and `rest`: the LoRA up-projections and the decay/kk/a ops fla's layer runs around its kernel."""
     C = H * K
     g = torch.Generator(device="cuda").manual_seed(1)
-    w_raw = torch.logit(x["w"] / LOWER)  # -exp(-0.5) * sigmoid(w_raw) = w
-    a_raw = torch.logit(x["a_gate"].float())
-    kk = F.normalize(x["k"].float(), dim=-1).bfloat16()  # = normalize(k * k_k) with k_k = 1
-    row = lambda t: t.reshape(B, 1, C).bfloat16().contiguous()  # noqa: E731
-    ones, zeros = torch.ones(C, device="cuda"), torch.zeros(C, device="cuda")
-    ours_args = (row(x["r"]), row(w_raw), row(x["k"]), row(x["v"]), row(a_raw), None, None,
-                 row(torch.randn(B, 1, C, device="cuda", generator=g)), ones.bfloat16(), zeros.bfloat16(),
-                 torch.randn(H, K, device="cuda", generator=g).bfloat16() * 0.1, ones.bfloat16(), zeros.bfloat16(),
-                 64e-5, None)
-    fla_args = (x["r"], x["w"], x["k"], x["v"], kk, x["a_gate"])
-    return ours_args, fla_args
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * std).bfloat16()
+
+    r, k, v = randn(B, 1, C, std=0.5), randn(B, 1, C, std=0.5), randn(B, 1, C)
+    w_lora, a_lora, g_lora = ((randn(B, 1, D), randn(C, D, std=D**-0.5), randn(C) if bias else None)
+                              for D, bias in ((64, True), (64, True), (128, False)))
+    ones, zeros = torch.ones(C, device="cuda").bfloat16(), torch.zeros(C, device="cuda").bfloat16()
+    ours_args = (r, k, v, w_lora, a_lora, None, g_lora, None, ones, zeros, randn(H, K, std=0.1), ones, zeros, 64e-5,
+                 None)
+
+    def rest():  # what fla's RWKV-7 layer computes in PyTorch around fused_mul_recurrent_rwkv7, per decoding step
+        heads = lambda t: t.view(B, 1, H, K)  # noqa: E731
+        w = LOWER * torch.sigmoid(F.linear(w_lora[0], w_lora[1], w_lora[2]).float())
+        a_gate = torch.sigmoid(F.linear(a_lora[0], a_lora[1], a_lora[2]))
+        kk = F.normalize(heads(k), dim=-1)
+        return heads(r), heads(w), heads(k), heads(v), kk, heads(a_gate)
+
+    return ours_args, rest
 
 
 def bench_decode(B, H):
+    """Our fused time mix of one token against fla's WKV step alone, and against fla's WKV step plus the LoRA
+    up-projections, decay, kk, GroupNorm, bonus and gate that fla's layer runs in PyTorch around it."""
     from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7
 
-    ours_args, fla_args = decode_inputs(B, H)
+    ours_args, rest = decode_inputs(B, H)
+    fla_args = rest()
     state = torch.randn(B, H, K, K, device="cuda") * 0.3
     s_ours, s_fla = state.clone(), state.clone()
-    time_mix_decode_(*ours_args, s_ours)
+    fused_time_mix(*ours_args, s_ours)
     s_ref = fused_mul_recurrent_rwkv7(*fla_args, initial_state=state.clone(), output_final_state=True)[1]
     err = ((s_ours - s_ref).norm() / s_ref.norm()).item()
+    g_lora, r_k = ours_args[6], ours_args[10]
+
+    def fla_whole():
+        r, w, k, v, kk, a_gate = rest()
+        o, _ = fused_mul_recurrent_rwkv7(r, w, k, v, kk, a_gate, initial_state=s_fla, output_final_state=True)
+        o = F.group_norm(o.reshape(B, H * K), H, eps=64e-5).view(B, 1, H, K)
+        o = o + (r * k * r_k).sum(-1, keepdim=True) * v
+        return o.view(B, 1, -1) * F.linear(g_lora[0], g_lora[1])
+
     fns = {
-        "ours": lambda: time_mix_decode_(*ours_args, s_ours),
+        "ours": lambda: fused_time_mix(*ours_args, s_ours),
         "fla": lambda: fused_mul_recurrent_rwkv7(*fla_args, initial_state=s_fla, output_final_state=True),
+        "fla_whole": fla_whole,
     }
     row = {"err_vs_fla": err}
     for name, f in fns.items():
@@ -160,13 +183,13 @@ def cold(which):
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     state = torch.zeros(2, 4, K, K, device="cuda")
-    ours_args, fla_args = decode_inputs(2, 4)
+    ours_args, rest = decode_inputs(2, 4)
     if which == "ours":
-        time_mix_decode_(*ours_args, state)
+        fused_time_mix(*ours_args, state)
     else:
         from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7
 
-        fused_mul_recurrent_rwkv7(*fla_args, initial_state=state, output_final_state=True)
+        fused_mul_recurrent_rwkv7(*rest(), initial_state=state, output_final_state=True)
     torch.cuda.synchronize()
     print(f"COLD {t1 - t0:.2f} {t2 - t1:.2f} {time.perf_counter() - t2:.2f}")
 
@@ -202,7 +225,10 @@ def main(parts):
         print(f"| decode (graph) | {B}, 1, 32 | {r['ours']:.4f} | {r['fla']:.4f} | {r['ours'] / r['fla']:.2f} | 1.0 | "
               f"{floor:.4f} | {r['ours_mem']:.1f} | {r['fla_mem']:.1f} | {r['err_vs_fla']:.1e} |")
         print(f"| decode (launch) | {B}, 1, 32 | {r['ours_launch']:.4f} | {r['fla_launch']:.4f} | "
-              f"{r['ours_launch'] / r['fla_launch']:.2f} | 1.0 | {floor:.4f} | | | |", flush=True)
+              f"{r['ours_launch'] / r['fla_launch']:.2f} | 1.0 | {floor:.4f} | | | |")
+        print(f"| decode, fla kernel + its layer's ops for the same work (graph) | {B}, 1, 32 | {r['ours']:.4f} | "
+              f"{r['fla_whole']:.4f} | {r['ours'] / r['fla_whole']:.2f} | | {floor:.4f} | | "
+              f"{r['fla_whole_mem']:.1f} | |", flush=True)
     if "cold" not in parts:
         return
     print("\nCold start, first call in a fresh process with an empty Triton cache (s): fwd, bwd, decode")

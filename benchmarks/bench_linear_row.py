@@ -40,7 +40,7 @@ def main():
 
             def run():
                 _linear_row_kernel[(triton.cdiv(N, block_n),)](x, w, w, x, y, N, K, HAS_BIAS=False, HAS_RESIDUAL=False,
-                                                                ACTIVATION=0, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                                ACTIVATION=0, BLOCK_N=block_n, BLOCK_K=block_k, PDL=False,
                                                                 num_warps=warps)
 
             results.append((time_us(run), block_n, block_k, warps))

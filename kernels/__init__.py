@@ -3,10 +3,13 @@
 which the tests check.
 
     wkv7            chunked WKV-7 over a sequence, forward and backward (wkv7_chunk.py; wkv7_reference.py)
-    time_mix        the time mix between its projections and o_proj; one fused kernel per decoding step
-                    (time_mix_decode.py; ops_reference.time_mix_reference)
+    time_mix        the time mix between its LoRAs and o_proj (ops_reference.time_mix_reference)
     norm_shift_mix  LayerNorm + token shift + lerps; fused when decoding (norm_shift_mix_decode.py)
     linear          a linear layer with activation and residual; fused for one row (linear_decode.py)
+  and, for a decoding step on CUDA (fused_decoding), in three launches per time mix and two per channel mix:
+    fused_norm_mix_linear   LayerNorm + token shift + lerps + the projections that read them
+                            (norm_mix_linear_decode.py; ops_reference.norm_mix_linear_reference)
+    fused_time_mix          the time mix from the LoRA hidden activations to o_proj's input (time_mix_decode.py)
 
 The WKV-7 kernels take head size 64, that of every released model; other head sizes run the references. The
 kernel modules are imported on first use, so that tests can import them under TRITON_INTERPRET=1 (set before
@@ -44,13 +47,8 @@ def wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seql
 
 def time_mix(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
              attention_mask=None, state=None, in_place=False):
-    """The time mix between its projections and o_proj. Arguments and math: ops_reference.time_mix_reference.
-    A decoding step on CUDA (one token, state updated in place) is one fused kernel (time_mix_decode.py)."""
-    if in_place and r.shape[1] == 1 and HAS_TRITON and r.is_cuda and r_k.shape[1] == 64 and state.is_contiguous():
-        from .time_mix_decode import time_mix_decode_
-
-        return time_mix_decode_(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias,
-                                gn_eps, attention_mask, state)
+    """The time mix between its LoRAs and o_proj, with WKV-7 through `wkv7`. Arguments and math:
+    ops_reference.time_mix_reference. (Decoding on CUDA runs fused_time_mix instead.)"""
     return time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias,
                               gn_eps, attention_mask, state, in_place, wkv7=wkv7)
 
@@ -63,6 +61,40 @@ def norm_shift_mix(x, weight, bias, eps, prev, mixes, attention_mask=None, in_pl
 
         return norm_shift_mix_decode_(x, weight, bias, eps, prev, mixes, attention_mask)
     return norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
+
+
+def fused_decoding(x, head_dim=None):
+    """Whether the fused decoding kernels below can run a decoding step of x [B, 1, C]: on CUDA, and for
+    fused_time_mix with head size 64."""
+    return HAS_TRITON and x.is_cuda and head_dim in (None, 64)
+
+
+def fused_norm_mix_linear(x, weight, bias, eps, prev, projections, attention_mask=None):
+    """A decoding step's LayerNorm, token shift, lerps and the projections reading them, prev [B, C] updated in
+    place; CUDA. Arguments and math: ops_reference.norm_mix_linear_reference. One row is one fused kernel
+    (norm_mix_linear_decode.py); several rows run the fused norm/shift/mix kernel, then a matmul per projection."""
+    if x.shape[0] == 1:
+        from .norm_mix_linear_decode import norm_mix_linear_row
+
+        return norm_mix_linear_row(x, weight, bias, eps, prev, projections, attention_mask)
+    mixes = torch.stack([mix.reshape(-1) for mix, _, _ in projections])
+    mixed, _ = norm_shift_mix(x, weight, bias, eps, prev, mixes, attention_mask, in_place=True)
+    return [linear(m, w, None, act) for m, (_, w, act) in zip(mixed, projections)]
+
+
+def fused_time_mix(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
+                   attention_mask, state):
+    """A decoding step's time mix from the LoRA hidden activations on, state updated in place; CUDA. Arguments in
+    time_mix_decode.py, math in ops_reference.time_mix_reference. One fused kernel; with several rows the LoRA
+    up-projections run first as matmuls, which read each weight once for all rows."""
+    from .time_mix_decode import time_mix_decode_
+
+    if r.shape[0] > 1:
+        w_lora, a_lora, v_lora, g_lora = (
+            None if lora is None else (linear_reference(*lora), None, None) for lora in (w_lora, a_lora, v_lora, g_lora)
+        )
+    return time_mix_decode_(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a, r_k, gn_weight, gn_bias,
+                            gn_eps, attention_mask, state)
 
 
 def linear(x, weight, bias=None, activation=None, residual=None):

@@ -51,6 +51,15 @@ def norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask=N
     return mixed, prev.copy_(last) if in_place else last.clone()
 
 
+def norm_mix_linear_reference(x, weight, bias, eps, prev, projections, attention_mask=None, in_place=False):
+    """LayerNorm, token shift, and the projections that read the lerps: [activation(mixed_i W_i^T)] for each
+    (mix_i [C], W_i [N_i, C], activation) in projections, with mixed_i as in norm_shift_mix_reference.
+    Returns (outputs [B, T, N_i] in order, the new prev [B, C])."""
+    mixes = torch.stack([mix.reshape(-1) for mix, _, _ in projections])
+    mixed, last = norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
+    return [linear_reference(m, w, None, act) for m, (_, w, act) in zip(mixed, projections)], last
+
+
 def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
                        attention_mask=None, state=None, in_place=False, wkv7=wkv7_reference):
     """The time mix between its projections and o_proj: decay, kk, the k update, the v_first mix, WKV-7,

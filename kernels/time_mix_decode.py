@@ -1,45 +1,98 @@
-"""The whole RWKV-7 time mix of one decoding step, between the projections and o_proj, as one Triton kernel.
+"""The whole RWKV-7 time mix of one decoding step, from the LoRA hidden activations to o_proj's input, as one
+Triton kernel.
 
-Math: ops_reference.time_mix_reference with T = 1 and the state updated in place (the decay, kk, the k update,
-the v_first mix, the padding mask, the WKV-7 step, the per-head GroupNorm, the bonus and the gate). Decoding
-launches this once per layer instead of some thirty small PyTorch kernels.
+Math: the LoRA up-projections (w, a, v, g), then ops_reference.time_mix_reference with T = 1 and the state updated
+in place (the decay, kk, the k update, the v_first mix, the padding mask, the WKV-7 step, the per-head GroupNorm,
+the bonus and the gate). Decoding launches this once per layer instead of some thirty small PyTorch kernels.
 
 Shapes, layouts, dtypes:
-    r, w_raw, k, v, a_raw, v_gate_raw, v_first, g : [B, C] rows (contiguous; the model dtype), C = H * N, N = 64
-    k_k, k_a, r_k, gn_weight, gn_bias             : [C]
-    attention_mask                                : [B] (0 = padding) or None
-    state                                         : [B, H, N, N] float32, contiguous; fla's [K, V] per head
-    y (returned)                                  : [B, C] in r's dtype
-Everything is computed in float32. One program per (row, head) holds that head's 64 x 64 state in registers:
-the GroupNorm and the kk normalisation need the whole head. No host sync and no data-dependent allocation, so
-the call can be captured in a CUDA graph.
+    r, k, v, v_first        : [B, C] rows (contiguous; the model dtype), C = H * N, N = 64
+    LoRA hidden activations : [B, D] per LoRA (tanh(x_w W1), x_a A1, x_v V1, sigmoid(x_g G1); D its rank)
+    LoRA up weights         : [C, D] (nn.Linear's layout); biases [C] (w, a, v; g has none)
+                              or, instead of both, the LoRA's outputs [B, C] (several rows: see below)
+    k_k, k_a, r_k, gn_weight, gn_bias : [C]
+    attention_mask          : [B] (0 = padding) or None
+    state                   : [B, H, N, N] float32, contiguous; fla's [K, V] per head
+    y (returned)            : [B, C] in r's dtype
+Everything is computed in float32. One program per (row, head) holds that head's 64 x 64 state in registers (the
+GroupNorm and the kk normalisation need the whole head) and computes the head's 64 outputs of each LoRA
+up-projection itself: for one row (batch-1 decoding) that saves four launches. For many rows those tiles would be
+read once per row, so there a matmul applies the up-projections beforehand. No host sync and no data-dependent
+allocation, so the call can be captured in a CUDA graph.
 """
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from . import pdl
+
+@triton.jit
+def _lora_weights(w_ptr, b_ptr, cols, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """This head's rows of a LoRA's up-projection, float32: (W[cols] [N, BLOCK_D], bias[cols] or 0). With D = 0
+    (the LoRA's outputs computed outside) there are none."""
+    w = tl.zeros((1, 1), dtype=tl.float32)
+    bias = tl.zeros((1,), dtype=tl.float32)
+    if D > 0:
+        d = tl.arange(0, BLOCK_D)
+        w = tl.load(w_ptr + cols[:, None] * D + d[None, :], mask=(d < D)[None, :], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols).to(tl.float32)
+    return w, bias
 
 
 @triton.jit
-def _time_mix_decode_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, vg_ptr, vf_ptr, g_ptr, mask_ptr,
+def _lora(h_ptr, w, bias, i_b, cols, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This head's outputs [N] (float32) of a LoRA: W[cols] @ h + bias[cols] from its hidden activations h [D]
+    (D > 0), or, with D = 0, read as they are from a [B, C] row of outputs computed outside."""
+    if D == 0:
+        out = tl.load(h_ptr + i_b * C + cols).to(tl.float32)
+    else:
+        d = tl.arange(0, BLOCK_D)
+        h = tl.load(h_ptr + i_b * D + d, mask=d < D, other=0.0).to(tl.float32)
+        out = tl.sum(w * h[None, :], 1) + bias
+    return out
+
+
+@triton.jit
+def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, ah_ptr, a_up_ptr, a_bias_ptr,
+                            vh_ptr, v_up_ptr, v_bias_ptr, gh_ptr, g_up_ptr, vf_ptr, mask_ptr,
                             kk_w_ptr, ka_ptr, rk_ptr, gnw_ptr, gnb_ptr, s_ptr, y_ptr, gn_eps,
-                            H: tl.constexpr, N: tl.constexpr, FIRST_LAYER: tl.constexpr, HAS_MASK: tl.constexpr):
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
+                            H: tl.constexpr, N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                            FIRST_LAYER: tl.constexpr, HAS_MASK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+    i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     C: tl.constexpr = H * N
     cols = i_h * N + tl.arange(0, N)  # this head's channels
-    row = i_b.to(tl.int64) * C + cols
+    row = i_b * C + cols
 
+    # the LoRA weights first: no kernel writes them, so they are read before waiting for the previous kernel
+    # (kernels/pdl.py); then every other read up front (the state, the largest, first), so their latencies overlap
+    w_up, w_bias = _lora_weights(w_up_ptr, w_bias_ptr, cols, D[0], BLOCK_D[0], True)
+    a_up, a_bias = _lora_weights(a_up_ptr, a_bias_ptr, cols, D[1], BLOCK_D[1], True)
+    g_up, g_bias = _lora_weights(g_up_ptr, g_up_ptr, cols, D[2], BLOCK_D[2], False)
+    if PDL:
+        gdc_wait()
+    p_s = s_ptr + (i_b * H + i_h) * N * N + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+    h = tl.load(p_s)  # state [K, V]
     r = tl.load(r_ptr + row).to(tl.float32)
     k = tl.load(k_ptr + row).to(tl.float32)
     v = tl.load(v_ptr + row).to(tl.float32)
+    w_raw = _lora(wh_ptr, w_up, w_bias, i_b, cols, C, D[0], BLOCK_D[0])
+    a_raw = _lora(ah_ptr, a_up, a_bias, i_b, cols, C, D[1], BLOCK_D[1])
+    g = _lora(gh_ptr, g_up, g_bias, i_b, cols, C, D[2], BLOCK_D[2])
+
     # decay = exp(-exp(-0.5) * sigmoid(w_raw)); 0.6065306597126334 = exp(-0.5)
-    decay = tl.exp(-0.6065306597126334 * tl.sigmoid(tl.load(w_ptr + row).to(tl.float32)))
-    a = tl.sigmoid(tl.load(a_ptr + row).to(tl.float32))
+    decay = tl.exp(-0.6065306597126334 * tl.sigmoid(w_raw))
+    a = tl.sigmoid(a_raw)
     kk = k * tl.load(kk_w_ptr + cols).to(tl.float32)
     kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)
     k = k * (1 + (a - 1) * tl.load(ka_ptr + cols).to(tl.float32))
     if not FIRST_LAYER:
-        v_gate = tl.sigmoid(tl.load(vg_ptr + row).to(tl.float32))
+        v_up, v_bias = _lora_weights(v_up_ptr, v_bias_ptr, cols, D[3], BLOCK_D[3], True)
+        v_gate = tl.sigmoid(_lora(vh_ptr, v_up, v_bias, i_b, cols, C, D[3], BLOCK_D[3]))
         v = v + (tl.load(vf_ptr + row).to(tl.float32) - v) * v_gate
     if HAS_MASK:  # a padded token leaves the state as it was
         keep = tl.load(mask_ptr + i_b) != 0
@@ -47,9 +100,7 @@ def _time_mix_decode_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, vg_ptr, vf_ptr, g
         k = tl.where(keep, k, 0.0)
         kk = tl.where(keep, kk, 0.0)
 
-    # state h [K, V]: h = diag(decay) h + (kk * a) (-kk^T h) + k v^T ; o = h^T r
-    p_s = s_ptr + (i_b.to(tl.int64) * H + i_h) * N * N + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
-    h = tl.load(p_s)
+    # h = diag(decay) h + (kk * a) (-kk^T h) + k v^T ; o = h^T r
     sa = tl.sum(-kk[:, None] * h, 0)
     h = h * decay[:, None] + (kk * a)[:, None] * sa[None, :] + k[:, None] * v[None, :]
     tl.store(p_s, h)
@@ -60,34 +111,49 @@ def _time_mix_decode_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, vg_ptr, vf_ptr, g
     o = centred / tl.sqrt(tl.sum(centred * centred, 0) / N + gn_eps)
     o = o * tl.load(gnw_ptr + cols).to(tl.float32) + tl.load(gnb_ptr + cols).to(tl.float32)
     o = o + tl.sum(r * k * tl.load(rk_ptr + cols).to(tl.float32), 0) * v  # the current token's bonus
-    y = o * tl.load(g_ptr + row).to(tl.float32)
+    y = o * g
     tl.store(y_ptr + row, y.to(y_ptr.dtype.element_ty))
 
 
 @torch.no_grad()
-def time_mix_decode_(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
+def time_mix_decode_(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
                      attention_mask, state):
-    """One decoding step of the time mix; inputs [B, 1, C], state [B, H, N, N] float32 updated in place.
+    """One decoding step of the time mix; r, k, v [B, 1, C], state [B, H, N, N] float32 updated in place.
 
-    Returns (y [B, 1, C], v_first, state), as ops_reference.time_mix_reference(..., in_place=True) does.
+    w_lora, a_lora, v_lora, g_lora: (hidden [B, 1, D], up weight [C, D], bias [C] or None) each, or (output
+    [B, 1, C], None, None) for a LoRA applied outside; v_lora and v_first are None in layer 0, which makes v_first.
+    Returns (y [B, 1, C], v_first, state), as ops_reference.time_mix_reference(..., in_place=True) does on the LoRAs'
+    outputs.
     """
     B, T, C = r.shape
     H, N = r_k.shape
     if T != 1 or state.dtype != torch.float32 or not state.is_contiguous() or state.shape != (B, H, N, N):
         raise ValueError(f"one token per row and a contiguous float32 state of shape {(B, H, N, N)} are needed")
     first_layer = v_first is None
-    rows = [t.reshape(B, C).contiguous() for t in (r, w_raw, k, v, a_raw, g)]
-    if first_layer:
-        v_gate, v_first_rows = rows[0], rows[0]  # unused by the kernel
-    else:
-        v_gate, v_first_rows = v_gate_raw.reshape(B, C).contiguous(), v_first.reshape(B, C).contiguous()
-    mask = attention_mask.reshape(B).contiguous() if attention_mask is not None else rows[0]
+    rows = lambda t: t.reshape(B, -1).contiguous()  # noqa: E731
+    r, k, v = rows(r), rows(k), rows(v)
+
+    def lora(arg):  # the kernel's (values, up weight, bias, rank) of a LoRA; rank 0: values are its outputs
+        if arg is None:  # layer 0 has no v LoRA: placeholders the kernel does not read
+            return r, r, r, 0
+        values, up, bias = arg
+        if up is None:
+            return rows(values), values, values, 0
+        return rows(values), up.contiguous(), bias if bias is not None else up, up.shape[1]
+
+    (wh, w_up, w_b, w_d), (ah, a_up, a_b, a_d), (gh, g_up, _, g_d), (vh, v_up, v_b, v_d) = map(
+        lora, (w_lora, a_lora, g_lora, v_lora)
+    )
+    ranks = (w_d, a_d, g_d, v_d)
+    v_first_rows = r if first_layer else rows(v_first)
+    mask = attention_mask.reshape(B).contiguous() if attention_mask is not None else r
     y = torch.empty(B, C, dtype=r.dtype, device=r.device)
     with torch.cuda.device(r.device if r.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
         _time_mix_decode_kernel[(B, H)](
-            rows[0], rows[1], rows[2], rows[3], rows[4], v_gate, v_first_rows, rows[5], mask,
+            r, k, v, wh, w_up, w_b, ah, a_up, a_b, vh, v_up, v_b, gh, g_up, v_first_rows, mask,
             k_k, k_a, r_k, gn_weight, gn_bias, state, y, gn_eps,
-            H=H, N=N, FIRST_LAYER=first_layer, HAS_MASK=attention_mask is not None, num_warps=4,
+            H=H, N=N, D=ranks, BLOCK_D=tuple(max(triton.next_power_of_2(d), 1) for d in ranks), FIRST_LAYER=first_layer,
+            HAS_MASK=attention_mask is not None, PDL=pdl.enabled(r.device), num_warps=4,
+            launch_pdl=pdl.enabled(r.device),
         )
-    return y.view(B, 1, C), (v if first_layer else v_first), state
-
+    return y.view(B, 1, C), (v.view(B, 1, C) if first_layer else v_first), state
