@@ -109,6 +109,11 @@ def test_chunk_varlen_matches_separate_sequences(dtype):
         torch.testing.assert_close(ht[n : n + 1], ht_n, rtol=0, atol=0)
 
 
+def test_chunk_inference_path():
+    """Without gradients the forward stores nothing for the backward: same results, initial and final state."""
+    check_chunk(2, 37, 2, torch.bfloat16, with_h0=True, grads=False)
+
+
 def test_chunk_without_grad_or_final_state():
     xs = make_inputs(1, 40, 2, torch.bfloat16)
     with torch.no_grad():
