@@ -293,7 +293,7 @@ class RWKV7TimeMix(nn.Module):
 
         # the LoRA up-projections, the decay, kk, the k update, the v_first mix, WKV-7, GroupNorm, the bonus and
         # the gate: see kernels/ops_reference.py (time_mix_reference)
-        norms = (self.k_k, self.k_a, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps)
+        params = (self.k_k, self.k_a, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps)
         ups = {name: lora.up for name, (_, lora) in loras.items()}
         if (
             decoding
@@ -304,14 +304,14 @@ class RWKV7TimeMix(nn.Module):
                 return (hidden[name], ups[name].weight, ups[name].bias) if name in hidden else None
 
             y, v_first, wkv_state = kernels.fused_time_mix(
-                r, k, v, lora("w"), lora("a"), lora("v"), lora("g"), v_first, *norms, attention_mask, wkv_state
+                r, k, v, lora("w"), lora("a"), lora("v"), lora("g"), v_first, *params, attention_mask, wkv_state
             )
         else:
             def lora(name):  # the LoRA's output
                 return linear(ups[name], hidden[name]) if name in hidden else None
 
             y, v_first, wkv_state = kernels.time_mix(
-                r, lora("w"), k, v, lora("a"), lora("v"), v_first, lora("g"), *norms, attention_mask, wkv_state,
+                r, lora("w"), k, v, lora("a"), lora("v"), v_first, lora("g"), *params, attention_mask, wkv_state,
                 in_place=decoding,
             )
         return linear(self.o_proj, y, residual=x), v_first, wkv_state, last_x
