@@ -1,13 +1,16 @@
 """CPU decoding speed: this package's PyTorch path against the official `rwkv` package (strategy "cpu fp32").
 
-Same random weights (official .pth layout, converted for ours), same shape, same machine, one token per call
-with the state carried:
+Same random weights (official .pth layout, converted for ours), same shape, same machine, same thread count, one
+token per call with the state carried. The two alternate in rounds of --tokens steps (which one goes first
+alternates too), so that load from other processes on a shared machine hits both alike; the table gives the
+median over rounds of each one's ms / token and the median of the per-round speed ratios:
 
-    python benchmarks/bench_cpu_decode.py [--shape 0.1B] [--tokens 64] [--threads N]
+    python benchmarks/bench_cpu_decode.py [--shape 0.1B] [--tokens 64] [--rounds 7] [--threads N]
 """
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -29,17 +32,17 @@ SHAPES = {"0.1B": dict(hidden=768, layers=12, ranks=(64, 64, 32, 128)), "0.4B": 
 
 
 def per_token_seconds(step, tokens):
-    step(0)  # warm up
     start = time.perf_counter()
-    for t in range(tokens):
-        step(t)
-    return (time.perf_counter() - start) / tokens
+    for token in tokens:
+        step(token)
+    return (time.perf_counter() - start) / len(tokens)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="0.1B", choices=SHAPES)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64, help="decoding steps per round")
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,26 +55,37 @@ def main():
     ours.load_state_dict(state)
     del official_sd, state
 
-    tokens = torch.randint(0, 65536, (args.tokens + 1,)).tolist()
     official_state = [None]
 
-    def official_step(t):
-        _, official_state[0] = official.forward([tokens[t]], official_state[0])
+    def official_step(token):
+        _, official_state[0] = official.forward([token], official_state[0])
 
     cache = [None]
 
     @torch.no_grad()
-    def our_step(t):
-        cache[0] = ours(torch.tensor([[tokens[t]]]), past_key_values=cache[0], use_cache=True).past_key_values
+    def our_step(token):
+        cache[0] = ours(torch.tensor([[token]]), past_key_values=cache[0], use_cache=True).past_key_values
 
-    official_s = per_token_seconds(official_step, args.tokens)
-    ours_s = per_token_seconds(our_step, args.tokens)
-    print(f"{args.shape}, fp32, {args.threads} threads, torch {torch.__version__}")
-    print("| implementation | ms / token | tokens / s |")
-    print("|---|---|---|")
-    print(f"| official rwkv 0.8.32 (cpu fp32) | {official_s * 1e3:.1f} | {1 / official_s:.1f} |")
-    print(f"| this package (PyTorch path) | {ours_s * 1e3:.1f} | {1 / ours_s:.1f} |")
-    print(f"ours / official speed: {official_s / ours_s:.2f}x")
+    steps = {"official": official_step, "ours": our_step}
+    for step in steps.values():  # warm up: TorchScript profiling runs, first allocations
+        per_token_seconds(step, [0, 1, 2])
+    seconds = {name: [] for name in steps}
+    for round in range(args.rounds):
+        tokens = torch.randint(0, 65536, (args.tokens,)).tolist()
+        for name in list(steps)[:: 1 if round % 2 == 0 else -1]:
+            seconds[name].append(per_token_seconds(steps[name], tokens))
+    ratios = [o / s for o, s in zip(seconds["official"], seconds["ours"])]
+
+    print(f"{args.shape}, fp32, {args.threads} threads, torch {torch.__version__}, "
+          f"{args.rounds} rounds of {args.tokens} tokens, load average {os.getloadavg()[0]:.2f}")
+    print("| implementation | ms / token (median) | tokens / s | ms / token, each round |")
+    print("|---|---|---|---|")
+    for name, label in (("official", "official rwkv 0.8.32 (cpu fp32)"), ("ours", "this package (PyTorch path)")):
+        median = statistics.median(seconds[name])
+        rounds = " ".join(f"{s * 1e3:.1f}" for s in seconds[name])
+        print(f"| {label} | {median * 1e3:.1f} | {1 / median:.1f} | {rounds} |")
+    print(f"ours / official speed: {statistics.median(ratios):.2f}x (median of rounds; each round: "
+          + " ".join(f"{r:.2f}" for r in ratios) + ")")
 
 
 if __name__ == "__main__":
