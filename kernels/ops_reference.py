@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .wkv7_reference import wkv7_reference
+from .wkv7_reference import wkv7_one_token, wkv7_reference
 
 
 def token_shift_reference(x, prev, attention_mask=None):
@@ -21,10 +21,11 @@ def token_shift_reference(x, prev, attention_mask=None):
     Returns (x_prev [B, T, C], new_prev [B, C]).
     """
     B, T, C = x.shape
+    if T == 1:  # decoding: the previous x is `prev`, without copying it; a padded token keeps it
+        last = x[:, 0] if attention_mask is None else torch.where(attention_mask.bool(), x[:, 0], prev)
+        return prev.unsqueeze(1), last
     if attention_mask is None:
         return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1), x[:, -1]
-    if T == 1:  # decoding: a padded token keeps `prev`
-        return prev.unsqueeze(1), torch.where(attention_mask.bool(), x[:, 0], prev)
     positions = torch.arange(1, T + 1, device=x.device).expand(B, T)
     # last_real[t] = 1 + index of the last real position <= t, or 0 (meaning `prev`) if there is none
     last_real = torch.where(attention_mask.bool(), positions, 0).cummax(dim=1).values
@@ -92,7 +93,10 @@ def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, 
         # a padded position leaves the state as it was: no decay (w = 0), no write (k = 0), no transition (kk = 0)
         keep = attention_mask.view(B, T, 1, 1)
         w, k, kk = w * keep, k * keep.to(k.dtype), kk * keep.to(kk.dtype)
-    o, final_state = wkv7(r, w, k, v, -kk, kk * a, initial_state=state, output_final_state=state is not None)
+    if T == 1 and state is not None:  # decoding: one step of the recurrence
+        o, final_state = wkv7_one_token(r, w, k, v, -kk, kk * a, state)
+    else:
+        o, final_state = wkv7(r, w, k, v, -kk, kk * a, initial_state=state, output_final_state=state is not None)
     if in_place:
         final_state = state.copy_(final_state)
 

@@ -16,29 +16,63 @@ The recurrence runs in float32 (float64 when the inputs are float64); `o` comes 
 import torch
 
 
+def _step(r, decay, k, v, a, b, h):
+    """One step for a batch of heads: rows r, a [N, 1, K] and v [N, 1, V]; columns decay, k, b [N, K, 1]; the state
+    h [N, K, V]. Returns (o [N, 1, V], the new h)."""
+    sa = torch.bmm(a, h)  # a^T h, from the state before this step's decay
+    # h * decay is a new tensor that autograd does not save, so the rank-one updates may go into it in place
+    h = (h * decay).addcmul_(b, sa).addcmul_(k, v)
+    return torch.bmm(r, h), h  # o = h^T r, from the updated state
+
+
 def _recurrence(r, w, k, v, a, b, h):
     """One sequence batch: inputs [B, T, H, *] in the compute dtype, h [B, H, K, V]. Returns o, h.
 
-    Each head's state is a [K, V] matrix; the (batch, head) pairs are one batch of matrix products.
+    Each head's state is a [K, V] matrix; the (batch, head) pairs are one batch of matrix products. The inputs are
+    laid out step by step once, before the loop.
     """
     B, T, H, K = r.shape
     V = v.shape[-1]
+
+    def steps(x, column):  # [T, B * H, K, 1] columns or [T, B * H, 1, K] rows
+        x = x.transpose(0, 1).reshape(T, B * H, -1)
+        return x.unsqueeze(-1) if column else x.unsqueeze(-2)
+
+    decay, k, b = (steps(x, column=True) for x in (torch.exp(w), k, b))
+    r, v, a = (steps(x, column=False) for x in (r, v, a))
     h = h.reshape(B * H, K, V)
-    decay = torch.exp(w)
-
-    def column(x, t):  # [B * H, K, 1]
-        return x[:, t].reshape(B * H, -1, 1)
-
-    def row(x, t):  # [B * H, 1, K]
-        return x[:, t].reshape(B * H, 1, -1)
-
     outputs = []
     for t in range(T):
-        sa = torch.bmm(row(a, t), h)  # a^T h, from the state before this step's decay
-        h = torch.baddbmm(torch.baddbmm(h * column(decay, t), column(b, t), sa), column(k, t), row(v, t))
-        outputs.append(torch.bmm(row(r, t), h))  # o = h^T r, from the updated state
-    o = torch.cat(outputs, dim=1).view(B, H, T, V).transpose(1, 2)
+        o, h = _step(r[t], decay[t], k[t], v[t], a[t], b[t], h)
+        outputs.append(o)
+    o = torch.stack(outputs).view(T, B, H, V).transpose(0, 1)
     return o, h.view(B, H, K, V)
+
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def wkv7_one_token(r, w, k, v, a, b, state):
+    """One token, from a state: inputs [B, 1, H, *], state [B, H, K, V]. Returns (o [B, 1, H, V] in r.dtype, the
+    new state in the compute dtype), as wkv7_reference returns them for T = 1.
+
+    Without wkv7_reference's sequence bookkeeping: a CPU decoding step runs this once per layer, and there the
+    few dozen small ops of that bookkeeping (checks, views, a concatenation) cost about as much as the step itself.
+    """
+    B, _, H, K = r.shape
+    V = v.shape[-1]
+    compute = _compute_dtype(r)
+
+    def rows(x):
+        return x.to(compute).reshape(B * H, 1, -1)
+
+    def columns(x):
+        return x.to(compute).reshape(B * H, -1, 1)
+
+    h = state.to(compute).reshape(B * H, K, V)
+    o, h = _step(rows(r), columns(torch.exp(w)), columns(k), rows(v), rows(a), columns(b), h)
+    return o.view(B, 1, H, V).to(r.dtype), h.view(B, H, K, V)
 
 
 def wkv7_reference(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -49,7 +83,7 @@ def wkv7_reference(r, w, k, v, a, b, initial_state=None, output_final_state=Fals
     B, T, H, K = r.shape
     V = v.shape[-1]
     out_dtype = r.dtype
-    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    compute = _compute_dtype(r)
     r, w, k, v, a, b = (x.to(compute) for x in (r, w, k, v, a, b))
 
     if cu_seqlens is None:
