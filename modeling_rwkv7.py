@@ -199,8 +199,13 @@ def linear(module, x, activation=None, residual=None):
     """residual + activation(module(x)). A plain nn.Linear goes through kernels.linear, which fuses the three on
     CUDA for batch-1 decoding; any other layer (PEFT, quantised, or hooked by accelerate to move or offload its
     weights) runs itself, then the activation and residual."""
-    if type(module) is nn.Linear and not hasattr(module, "_hf_hook"):
-        return kernels.linear(x, module.weight, module.bias, activation, residual)
+    # This runs for every projection of a decoding step, so it skips nn.Module's attribute lookup: on CPython 3.11
+    # `module.weight` or a failing hasattr first fails a plain lookup, formatting an AttributeError, before
+    # Module.__getattr__ answers (about 1 us each, a good part of a CPU decoding step's Python time). accelerate
+    # keeps its hook in the instance __dict__.
+    if type(module) is nn.Linear and "_hf_hook" not in module.__dict__:
+        params = module._parameters
+        return kernels.linear(x, params["weight"], params["bias"], activation, residual)
     return kernels.apply_activation(module(x), activation, residual)
 
 

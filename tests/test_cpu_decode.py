@@ -4,8 +4,10 @@ shortcut, and the decoding step of a float64 model against the exact official ma
 
 import pytest
 import torch
+import torch.nn as nn
 from official import official_math_fp64, random_official_weights, to_fla
 
+import modeling_rwkv7
 from configuration_rwkv7 import RWKV7Config
 from kernels.ops_reference import time_mix_reference
 from kernels.wkv7_reference import wkv7_one_token, wkv7_reference
@@ -105,3 +107,21 @@ def test_float64_decoding_steps_match_exact_math():
     torch.testing.assert_close(torch.cat(logits), exact_logits, rtol=1e-10, atol=1e-10)
     for wkv, exact in zip(out.past_key_values.wkv, exact_states):
         torch.testing.assert_close(wkv[0], exact.transpose(-1, -2), rtol=1e-10, atol=1e-10)
+
+
+def test_linear_runs_a_hooked_layer_itself():
+    """A layer that accelerate hooked (to move or offload its weights) runs through its hook, not kernels.linear."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Double(ModelHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    modeling_rwkv7.load_kernels()
+    layer = nn.Linear(8, 4)
+    x = torch.randn(1, 1, 8)
+    plain = modeling_rwkv7.linear(layer, x, "relu2", residual=x[..., :4])
+    add_hook_to_module(layer, Double())
+    hooked = modeling_rwkv7.linear(layer, x, "relu2", residual=x[..., :4])
+    torch.testing.assert_close(plain, x[..., :4] + torch.relu(layer.weight @ x[0, 0] + layer.bias).square())
+    torch.testing.assert_close(hooked, x[..., :4] + torch.relu(2 * (layer.weight @ x[0, 0] + layer.bias)).square())
