@@ -195,24 +195,24 @@ class RWKV7Cache(Cache):
         self.num_seen_tokens = 0
 
 
+def _plain_linear(module):
+    """An nn.Linear whose weight the kernels may read directly: not a PEFT or quantised layer, and not hooked by
+    accelerate (which moves or offloads its weight around each call, and keeps its hook in the instance __dict__:
+    looked up there, not with a hasattr that would fail through nn.Module's slow __getattr__)."""
+    return type(module) is nn.Linear and "_hf_hook" not in module.__dict__
+
+
 def linear(module, x, activation=None, residual=None):
     """residual + activation(module(x)). A plain nn.Linear goes through kernels.linear, which fuses the three on
     CUDA for batch-1 decoding; any other layer (PEFT, quantised, or hooked by accelerate to move or offload its
     weights) runs itself, then the activation and residual."""
-    # This runs for every projection of a decoding step, so it skips nn.Module's attribute lookup: on CPython 3.11
-    # `module.weight` or a failing hasattr first fails a plain lookup, formatting an AttributeError, before
-    # Module.__getattr__ answers (about 1 us each, a good part of a CPU decoding step's Python time). accelerate
-    # keeps its hook in the instance __dict__.
-    if type(module) is nn.Linear and "_hf_hook" not in module.__dict__:
+    if _plain_linear(module):
+        # read straight from _parameters: this runs for every projection of a decoding step, and on CPython 3.11
+        # `module.weight` first fails a plain lookup, formatting an AttributeError, before Module.__getattr__
+        # answers (about 1 us each, a good part of a CPU decoding step's Python time)
         params = module._parameters
         return kernels.linear(x, params["weight"], params["bias"], activation, residual)
     return kernels.apply_activation(module(x), activation, residual)
-
-
-def _plain_linear(module):
-    """An nn.Linear whose weight the fused decoding kernels may read directly: not a PEFT or quantised layer, and
-    not hooked by accelerate (which moves or offloads its weight around each call)."""
-    return type(module) is nn.Linear and not hasattr(module, "_hf_hook")
 
 
 def norm_mix_project(x, norm, shift_state, projections, attention_mask, decoding):
