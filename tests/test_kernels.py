@@ -91,7 +91,7 @@ def test_chunk_single_step(dtype):
     check_chunk(2, 1, 2, dtype, with_h0=True)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="long sequence: GPU only")
+@pytest.mark.skipif(DEVICE != "cuda", reason="T = 65536 is GPU only: python -m pytest tests/test_kernels.py on a CUDA machine")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bfloat16")])
 def test_chunk_long_sequence(dtype):
     check_chunk(1, 65536, 1, dtype, with_h0=True, grads=False)  # the float64 autograd reference would be slow
