@@ -548,6 +548,10 @@ class RWKV7Model(RWKV7PreTrainedModel):
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
                 raise ValueError(f"attention_mask must be [batch, >= {T}] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
             attention_mask = attention_mask[:, -T:]
+            if T > 1 and bool(attention_mask.all()):
+                # no padding (generate passes a mask even for one prompt): the mask-free sequence path runs fused
+                # kernels. One host sync per prompt; decoding steps (T = 1) keep their mask and need none.
+                attention_mask = None
         cache = past_key_values if past_key_values is not None else (RWKV7Cache() if use_cache else None)
         if cache is not None and len(cache) and B != cache.batch_size and B % cache.batch_size == 0:
             # one state per n rows: branch it, as generate expands the rows (num_return_sequences, beams)
@@ -608,6 +612,7 @@ class RWKV7DecodeGraph:
         p = model.lm_head.weight
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)
         self.attention_mask = torch.ones(batch_size, 1, dtype=torch.long, device=p.device)
+        self.mask_is_ones = True  # whether attention_mask holds ones: a step without a mask then needs no fill
         self.cache = RWKV7Cache()
         for i in range(model.config.num_hidden_layers):
             self.cache.update_layer(i, *self.cache.layer_states(i, batch_size, model.config, p.device, p.dtype))
@@ -652,10 +657,12 @@ class RWKV7DecodeGraph:
         if not self._holds(cache):
             self._lend_to(cache)
         self.input_ids.copy_(input_ids)
-        if attention_mask is None:
-            self.attention_mask.fill_(1)
-        else:
+        if attention_mask is not None:
             self.attention_mask.copy_(attention_mask[:, -1:])
+            self.mask_is_ones = False
+        elif not self.mask_is_ones:  # a step without a mask after one with it: no padding from here on
+            self.attention_mask.fill_(1)
+            self.mask_is_ones = True
         self.graph.replay()
         cache.num_seen_tokens += 1
         return self.logits.clone()  # the next replay overwrites the static output

@@ -1,5 +1,6 @@
 """Where the time of one forward goes: the CUDA kernels of an eager decoding step (the step a CUDA graph
-replays; --tokens 1) or of a prefill (--tokens 4096), by total time, with the graph replay time for comparison.
+replays; --tokens 1) or of a prefill (--tokens 4096), by total time, with the graph replay time and the forward's
+wall time for comparison, then the host-side ops by their own CPU time (what launching costs).
 
     python benchmarks/profile_decode.py [--shape 0.4B] [--batch 1] [--tokens 1]
 """
@@ -12,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import SHAPES, build_ours, step_time  # noqa: E402
+from bench_generate import SHAPES, build_ours, step_time, sync_time  # noqa: E402
 
 
 @torch.no_grad()
@@ -26,18 +27,27 @@ def main():
     print(f"graph replay step: {step_time(model, args.batch) * 1e3:.3f} ms")
     cache = model(torch.randint(1, 65000, (args.batch, 16), device="cuda"), use_cache=True).past_key_values
     tokens = torch.randint(1, 65000, (args.batch, args.tokens), device="cuda")
+
+    def forward():
+        model._forward_eager(input_ids=tokens, past_key_values=cache, return_dict=True, logits_to_keep=1)
+
     for _ in range(3):
-        model._forward_eager(input_ids=tokens, past_key_values=cache, return_dict=True, logits_to_keep=1)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model._forward_eager(input_ids=tokens, past_key_values=cache, return_dict=True, logits_to_keep=1)
+        forward()
+    wall = sorted(sync_time(forward)[0] for _ in range(5))[2]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        forward()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total_us = sum(e.device_time_total for e in events)
     count = sum(e.count for e in events)
-    print(f"eager forward of {args.tokens} token(s): {count} kernels, {total_us / 1e3:.3f} ms of kernel time")
+    print(f"eager forward of {args.tokens} token(s): {count} kernels, {total_us / 1e3:.3f} ms of kernel time, "
+          f"{wall * 1e3:.3f} ms wall (more wall than kernel time: the CPU launching them is the bound)")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
         print(f"{e.count:5d} x {e.device_time_total / max(e.count, 1):7.2f} us  {e.key[:110]}")
+    host = [e for e in prof.key_averages() if e.device_type.name == "CPU"]
+    print(f"host side: {sum(e.count for e in host)} ops, by self time")
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:15]:
+        print(f"{e.count:5d} x {e.self_cpu_time_total / max(e.count, 1):7.2f} us  {e.key[:110]}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 which the tests check.
 
     wkv7            chunked WKV-7 over a sequence, forward and backward (wkv7_chunk.py; wkv7_reference.py)
-    time_mix        the time mix between its LoRAs and o_proj (ops_reference.time_mix_reference)
-    norm_shift_mix  LayerNorm + token shift + lerps; fused when decoding (norm_shift_mix_decode.py)
+    time_mix        the time mix between its LoRAs and o_proj (ops_reference.time_mix_reference); without
+                    autograd, a sequence is two fused elementwise kernels around the chunked WKV-7
+                    (time_mix_sequence.py)
+    norm_shift_mix  LayerNorm + token shift + lerps; fused without autograd (norm_shift_mix_fused.py)
     linear          a linear layer with activation and residual; fused for one row (linear_decode.py)
   and, for a decoding step on CUDA (fused_decoding), in three launches per time mix and two per channel mix:
     fused_norm_mix_linear   LayerNorm + token shift + lerps + the projections that read them
@@ -36,6 +38,12 @@ def _use_kernels(r, v):
     return HAS_TRITON and r.is_cuda and r.shape[-1] == 64 and v.shape[-1] == 64
 
 
+def fused_inference(x):
+    """Whether the fused kernels that have no backward (time_mix's sequence path, norm_shift_mix) run on x: on
+    CUDA, without autograd."""
+    return HAS_TRITON and x.is_cuda and not torch.is_grad_enabled()
+
+
 def wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seqlens=None):
     """WKV-7 over a sequence (prefill, training). Layouts and math: wkv7_reference.py. Returns (o, final_state)."""
     if _use_kernels(r, v):
@@ -48,18 +56,25 @@ def wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seql
 def time_mix(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
              attention_mask=None, state=None, in_place=False):
     """The time mix between its LoRAs and o_proj, with WKV-7 through `wkv7`. Arguments and math:
-    ops_reference.time_mix_reference. (Decoding on CUDA runs fused_time_mix instead.)"""
+    ops_reference.time_mix_reference. (Decoding on CUDA runs fused_time_mix instead.) A sequence on CUDA without
+    autograd or padding (prefill) runs fused kernels (time_mix_sequence.py)."""
+    if fused_inference(r) and r_k.shape[1] == 64 and r.shape[1] > 1 and attention_mask is None and not in_place:
+        from .time_mix_sequence import time_mix_sequence
+
+        return time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias,
+                                 gn_eps, state)
     return time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias,
                               gn_eps, attention_mask, state, in_place, wkv7=wkv7)
 
 
 def norm_shift_mix(x, weight, bias, eps, prev, mixes, attention_mask=None, in_place=False):
     """LayerNorm, token shift and lerps: the inputs of a time or channel mix. Arguments and math:
-    ops_reference.norm_shift_mix_reference. A decoding step on CUDA is one fused kernel (norm_shift_mix_decode.py)."""
-    if in_place and x.shape[1] == 1 and HAS_TRITON and x.is_cuda and prev.is_contiguous():
-        from .norm_shift_mix_decode import norm_shift_mix_decode_
+    ops_reference.norm_shift_mix_reference. On CUDA without autograd it is one fused kernel (norm_shift_mix_fused.py),
+    except for a sequence with padding."""
+    if fused_inference(x) and prev.is_contiguous() and (x.shape[1] == 1 or (attention_mask is None and not in_place)):
+        from .norm_shift_mix_fused import norm_shift_mix_fused
 
-        return norm_shift_mix_decode_(x, weight, bias, eps, prev, mixes, attention_mask)
+        return norm_shift_mix_fused(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
     return norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
 
 

@@ -1,5 +1,5 @@
 """The fused kernels of a decoding step (kernels/time_mix_decode.py, norm_mix_linear_decode.py,
-norm_shift_mix_decode.py, linear_decode.py) against their PyTorch references (kernels/ops_reference.py) run in
+norm_shift_mix_fused.py, linear_decode.py) against their PyTorch references (kernels/ops_reference.py) run in
 float64, and the model's fused decoding step against its general path.
 
 Without CUDA (CI) the kernel runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
@@ -13,7 +13,7 @@ import torch
 
 from conftest import KERNEL_TEST_DEVICE as DEVICE  # noqa: E402  (conftest set TRITON_INTERPRET for the CPU)
 
-from kernels.norm_shift_mix_decode import norm_shift_mix_decode_  # noqa: E402
+from kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
 from kernels.ops_reference import (  # noqa: E402
     linear_reference,
     norm_mix_linear_reference,
@@ -139,7 +139,7 @@ def test_fused_norm_shift_mix_matches_reference(dtype, mixes, with_bias):
     ref_prev = prev.double().clone()
     ref_mixed, _ = norm_shift_mix_reference(x.double(), weight.double(), None if bias is None else bias.double(),
                                             1e-5, ref_prev, mix.double(), mask, in_place=True)
-    mixed, returned = norm_shift_mix_decode_(x, weight, bias, 1e-5, prev, mix, mask)
+    mixed, returned = norm_shift_mix_fused(x, weight, bias, 1e-5, prev, mix, mask, in_place=True)
     assert returned is prev and mixed.shape == (mixes, B, 1, C) and mixed.dtype == dtype
     bound = 1e-6 if dtype == torch.float32 else 5e-3
     assert rel(mixed, ref_mixed) <= bound and rel(prev, ref_prev) <= bound, (rel(mixed, ref_mixed), rel(prev, ref_prev))

@@ -52,9 +52,12 @@ def test_graphed_decoding_equals_eager_decoding():
     cache = model(prompts, use_cache=True).past_key_values
     eager_cache = copy.deepcopy(cache)
     tokens = torch.randint(0, 1000, (4, 1), device="cuda")
-    for _ in range(6):
-        graphed = model(tokens, past_key_values=cache).logits
-        eager = model._forward_eager(input_ids=tokens, past_key_values=eager_cache, return_dict=True).logits
+    padded = torch.tensor([[0], [1], [1], [1]], device="cuda")  # row 0 gets a padding token
+    for step in range(6):
+        mask = padded if step % 3 == 0 else None  # and the steps after it, without a mask, none
+        graphed = model(tokens, attention_mask=mask, past_key_values=cache).logits
+        eager = model._forward_eager(input_ids=tokens, attention_mask=mask, past_key_values=eager_cache,
+                                     return_dict=True).logits
         torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
         tokens = graphed[:, -1].argmax(-1, keepdim=True)
     assert isinstance(model._decode_graphs[4], RWKV7DecodeGraph)

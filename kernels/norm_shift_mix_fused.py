@@ -1,0 +1,76 @@
+"""LayerNorm, token shift and the token-shift lerps, without autograd, as one Triton kernel: the inputs of the
+time mix (six lerps) and of the channel mix (one), where PyTorch launches about six kernels.
+
+Math: ops_reference.norm_shift_mix_reference:
+    xn_t = LayerNorm(x_t);  mixed[m, t] = xn_t + (xn_{t-1} - xn_t) * mixes[m]  (xn_{-1} = prev);  new prev = xn_{T-1}
+A padding mask is handled for one token per row (decoding: a padded token keeps prev); sequences with padding
+run the reference.
+
+Shapes, layouts, dtypes:
+    x          : [B, T, C] contiguous, the model dtype
+    weight     : [C], bias : [C] or None (the LayerNorm)
+    prev       : [B, C] contiguous, the previous call's last normalised x
+    mixes      : [M, C]
+    mask       : [B] (0 = padding; T = 1 only) or None
+    out        : [M, B, T, C] in x's dtype; new prev [B, C], written into prev when decoding (in place)
+Computed in float32. One program per token: it normalises its own row and the one before (cheaper than a second
+pass), and the program of a row's last token writes the new prev.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _layer_norm_row(x_ptr, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS: tl.constexpr):
+    x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 0) / C
+    centred = tl.where(inside, x - mean, 0.0)
+    xn = centred / tl.sqrt(tl.sum(centred * centred, 0) / C + eps) * tl.load(w_ptr + cols, mask=inside).to(tl.float32)
+    if HAS_BIAS:
+        xn += tl.load(b_ptr + cols, mask=inside).to(tl.float32)
+    return xn
+
+
+@triton.jit
+def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, mask_ptr, out_ptr, new_prev_ptr, eps, B, T, C,
+                           M: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+    i_b, i_t = tl.program_id(0) // T, tl.program_id(0) % T
+    cols = tl.arange(0, BLOCK)
+    inside = cols < C
+    token = (i_b.to(tl.int64) * T + i_t) * C
+    xn = _layer_norm_row(x_ptr + token, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS)
+    if i_t == 0:
+        xn_prev = tl.load(prev_ptr + i_b * C + cols, mask=inside).to(tl.float32)
+    else:
+        xn_prev = _layer_norm_row(x_ptr + token - C, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS)
+    delta = xn_prev - xn
+    for m in tl.static_range(M):
+        mix = tl.load(mix_ptr + m * C + cols, mask=inside).to(tl.float32)
+        tl.store(out_ptr + m * B * T * C + token + cols, (xn + delta * mix).to(out_ptr.dtype.element_ty), mask=inside)
+    if i_t == T - 1:
+        if HAS_MASK:  # T = 1
+            xn = tl.where(tl.load(mask_ptr + i_b) != 0, xn, xn_prev)
+        tl.store(new_prev_ptr + i_b * C + cols, xn.to(new_prev_ptr.dtype.element_ty), mask=inside)
+
+
+@torch.no_grad()
+def norm_shift_mix_fused(x, weight, bias, eps, prev, mixes, attention_mask=None, in_place=False):
+    """x [B, T, C], prev [B, C] contiguous, mixes [M, C], attention_mask [B, 1] or None (T > 1 needs None).
+    Returns (mixed [M, B, T, C], new prev [B, C]): `prev` itself, updated, when in_place (one token per row)."""
+    B, T, C = x.shape
+    if not prev.is_contiguous() or (T > 1 and (attention_mask is not None or in_place)):
+        raise ValueError("a contiguous prev is needed; a padding mask or in-place update only for one token per row")
+    M = mixes.shape[0]
+    x = x.contiguous()
+    out = torch.empty(M, B, T, C, dtype=x.dtype, device=x.device)
+    new_prev = prev if in_place else torch.empty_like(prev)
+    mask = attention_mask.reshape(B).contiguous() if attention_mask is not None else x
+    with torch.cuda.device(x.device if x.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
+        _norm_shift_mix_kernel[(B * T,)](
+            x, weight, bias if bias is not None else weight, prev, mixes.contiguous(), mask, out, new_prev, eps,
+            B, T, C, M=M, BLOCK=triton.next_power_of_2(C), HAS_BIAS=bias is not None,
+            HAS_MASK=attention_mask is not None, num_warps=4 if C <= 2048 else 8,
+        )
+    return out, new_prev
