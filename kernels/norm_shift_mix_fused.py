@@ -34,8 +34,8 @@ def _layer_norm_row(x_ptr, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS: tl.cons
 
 
 @triton.jit
-def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, mask_ptr, out_ptr, new_prev_ptr, eps, B, T, C,
-                           M: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, mask_ptr, out_ptr, new_prev_ptr, eps, B, T, C, M,
+                           BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     i_b, i_t = tl.program_id(0) // T, tl.program_id(0) % T
     cols = tl.arange(0, BLOCK)
     inside = cols < C
@@ -46,7 +46,7 @@ def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, mask_ptr, out
     else:
         xn_prev = _layer_norm_row(x_ptr + token - C, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS)
     delta = xn_prev - xn
-    for m in tl.static_range(M):
+    for m in range(M):  # M at run time: the time and channel mixes share one compiled kernel (cold start)
         mix = tl.load(mix_ptr + m * C + cols, mask=inside).to(tl.float32)
         tl.store(out_ptr + m * B * T * C + token + cols, (xn + delta * mix).to(out_ptr.dtype.element_ty), mask=inside)
     if i_t == T - 1:
@@ -70,7 +70,7 @@ def norm_shift_mix_fused(x, weight, bias, eps, prev, mixes, attention_mask=None,
     with torch.cuda.device(x.device if x.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
         _norm_shift_mix_kernel[(B * T,)](
             x, weight, bias if bias is not None else weight, prev, mixes.contiguous(), mask, out, new_prev, eps,
-            B, T, C, M=M, BLOCK=triton.next_power_of_2(C), HAS_BIAS=bias is not None,
+            B, T, C, M, BLOCK=triton.next_power_of_2(C), HAS_BIAS=bias is not None,
             HAS_MASK=attention_mask is not None, num_warps=4 if C <= 2048 else 8,
         )
     return out, new_prev

@@ -27,8 +27,8 @@ BLOCK_T = 32
 
 @triton.jit
 def _before_wkv_kernel(w_raw_ptr, k_ptr, v_ptr, a_raw_ptr, vg_ptr, vf_ptr, k_k_ptr, k_a_ptr,
-                       w_ptr, k_out_ptr, v_out_ptr, a_out_ptr, b_out_ptr, rows_total,
-                       C: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, FIRST_LAYER: tl.constexpr):
+                       w_ptr, k_out_ptr, v_out_ptr, a_out_ptr, b_out_ptr, rows_total, first_layer,
+                       C: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * N + tl.arange(0, N)  # this head's channels
     at = rows.to(tl.int64)[:, None] * C + cols[None, :]
@@ -44,7 +44,7 @@ def _before_wkv_kernel(w_raw_ptr, k_ptr, v_ptr, a_raw_ptr, vg_ptr, vf_ptr, k_k_p
     tl.store(k_out_ptr + at, k.to(k_out_ptr.dtype.element_ty), mask=inside)
     tl.store(a_out_ptr + at, (-kk).to(a_out_ptr.dtype.element_ty), mask=inside)
     tl.store(b_out_ptr + at, (kk * a).to(b_out_ptr.dtype.element_ty), mask=inside)
-    if not FIRST_LAYER:
+    if first_layer == 0:  # a run-time flag: one compiled kernel for every layer (cold start)
         v = tl.load(v_ptr + at, mask=inside, other=0.0).to(tl.float32)
         v_first = tl.load(vf_ptr + at, mask=inside, other=0.0).to(tl.float32)
         v += (v_first - v) * tl.sigmoid(tl.load(vg_ptr + at, mask=inside, other=0.0).to(tl.float32))
@@ -88,7 +88,7 @@ def time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r
     grid = (triton.cdiv(B * T, BLOCK_T), H)
     with torch.cuda.device(r.device if r.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
         _before_wkv_kernel[grid](w_raw, k, v, a_raw, vg, vf, k_k, k_a, w, k_out, v_out, a_wkv, b_wkv, B * T,
-                                 C=C, N=N, BLOCK_T=BLOCK_T, FIRST_LAYER=first_layer, num_warps=4)
+                                 int(first_layer), C=C, N=N, BLOCK_T=BLOCK_T, num_warps=4)
     heads = lambda t: t.view(B, T, H, N)  # noqa: E731
     o, final_state = chunk_wkv7(heads(r), heads(w), heads(k_out), heads(v_out), heads(a_wkv), heads(b_wkv),
                                 initial_state=state, output_final_state=state is not None)
