@@ -20,7 +20,8 @@ Everything but the products with S is known before the chunk's start state. With
     Wt = Ti ad, Ut = Ti A_ak v        (sa = Wt S + Ut)
     Qr = rd + A_rb Wt [BT, K]   Ov = A_rb Ut + A_rk v [BT, V]   M = be^T Wt [K, K]   C = be^T Ut + ke^T v [K, V]
 so that o = Qr S + Ov and S' = exp(gC) S + M S + C: a parallel pass forms Qr, Ov, M, C, and the sequential pass
-over chunks is two matrix products per chunk.
+over chunks is two matrix products per chunk. The parallel pass multiplies Ti into the [BT, BT] and [K, BT] factors
+first, X = A_rb Ti and Y = be^T Ti: Qr = rd + X ad, Ov = (X A_ak + A_rk) v, M = Y ad, C = (Y A_ak + ke^T) v.
 Ti is formed by doubling: the inverse over diagonal blocks of 2 (I + A on them), then of 4, 8, 16, 32, each step
 (I - A_2s)^-1 = (I + P) Ti with P = Ti A_off (A_off: A inside the 2s-blocks, outside the s-blocks; P^2 = 0).
 Decay stability: every exponent is a log-decay sum, kept in float32. exp(gp), exp(g), exp(gC) have exponents <= 0;
@@ -135,16 +136,15 @@ def _prep_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ti_ptr, qr_ptr, o
     A_rb = tl.where(lower, tl.dot(rd, tl.trans(bi), input_precision=PREC), 0.0)
     A_rk = tl.where(lower, tl.dot(rd, tl.trans(ki), input_precision=PREC), 0.0)
     Ti = _solve_unit_lower(A_ab, BT, PREC)
-    Wt = tl.dot(Ti, ad, input_precision=PREC)
-    Ut = tl.dot(Ti, tl.dot(A_ak, v, input_precision=PREC), input_precision=PREC)
-    tl.store(qr_ptr + p, rd + tl.dot(A_rb, Wt, input_precision=PREC), mask=m)
-    Ov = tl.dot(A_rb, Ut, input_precision=PREC) + tl.dot(A_rk, v, input_precision=PREC)
-    tl.store(ov_ptr + pv, Ov, mask=m)
+    # X = A_rb Ti and Y = be^T Ti first: Qr, Ov, M and C are then one product with ad or v each
+    X = tl.dot(A_rb, Ti, input_precision=PREC)
+    tl.store(qr_ptr + p, tl.dot(X, ad, acc=rd, input_precision=PREC), mask=m)
+    tl.store(ov_ptr + pv, tl.dot(tl.dot(X, A_ak, acc=A_rk, input_precision=PREC), v, input_precision=PREC), mask=m)
     sh = i_s.to(tl.int64) * H + i_h
     ok = tl.arange(0, K)
-    be = bi * egC[None, :]
-    tl.store(m_ptr + sh * K * K + ok[:, None] * K + ok[None, :], tl.dot(tl.trans(be), Wt, input_precision=PREC))
-    C = tl.dot(tl.trans(be), Ut, input_precision=PREC) + tl.dot(tl.trans(ki * egC[None, :]), v, input_precision=PREC)
+    Y = tl.dot(tl.trans(bi * egC[None, :]), Ti, input_precision=PREC)
+    tl.store(m_ptr + sh * K * K + ok[:, None] * K + ok[None, :], tl.dot(Y, ad, input_precision=PREC))
+    C = tl.dot(tl.dot(Y, A_ak, acc=tl.trans(ki * egC[None, :]), input_precision=PREC), v, input_precision=PREC)
     tl.store(c_ptr + sh * K * V + ok[:, None] * V + tl.arange(0, V)[None, :], C)
     tl.store(egc_ptr + sh * K + ok, egC)
     if STORE_TI:
