@@ -273,20 +273,24 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, hs_ptr, dhs_p
     dU = tl.load(du_ptr + p_chunk)
     v = tl.load(v_ptr + pv, mask=m, other=0.0).to(tl.float32)
     do = tl.load(do_ptr + pv, mask=m, other=0.0).to(tl.float32)
-    strict = ot[:, None] > ot[None, :]
-    lower = ot[:, None] >= ot[None, :]
-    dA_rb = tl.where(lower, tl.dot(do, tl.trans(sa), input_precision=PREC), 0.0)
-    dA_rk = tl.where(lower, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
-    dA_ab = tl.where(strict, tl.dot(dU, tl.trans(sa), input_precision=PREC), 0.0)
-    dA_ak = tl.where(strict, tl.dot(dU, tl.trans(v), input_precision=PREC), 0.0)
     p_state = sh * K * V + tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
     S = tl.load(hs_ptr + p_state)
     G = tl.load(dhs_ptr + p_state)
-    d_be = tl.dot(sa, tl.trans(G), input_precision=PREC)
-    d_ke = tl.dot(v, tl.trans(G), input_precision=PREC)
+    dA_rb = tl.dot(do, tl.trans(sa), input_precision=PREC)
+    dA_rk = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dA_ab = tl.dot(dU, tl.trans(sa), input_precision=PREC)
+    dA_ak = tl.dot(dU, tl.trans(v), input_precision=PREC)
     d_rd = tl.dot(do, tl.trans(S), input_precision=PREC)
     d_ad = tl.dot(dU, tl.trans(S), input_precision=PREC)
+    d_be = tl.dot(sa, tl.trans(G), input_precision=PREC)
+    d_ke = tl.dot(v, tl.trans(G), input_precision=PREC)
     GS = tl.sum(G * S, 1)
+    strict = ot[:, None] > ot[None, :]
+    lower = ot[:, None] >= ot[None, :]
+    dA_rb = tl.where(lower, dA_rb, 0.0)
+    dA_rk = tl.where(lower, dA_rk, 0.0)
+    dA_ab = tl.where(strict, dA_ab, 0.0)
+    dA_ak = tl.where(strict, dA_ak, 0.0)
     # The chunk's own inputs are loaded once the [BT, V] and [K, V] tensors above are no longer needed.
     eg, egp, eng, egC = _decays(tl.load(w_ptr + p, mask=m, other=0.0))
     rd = tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32) * eg
