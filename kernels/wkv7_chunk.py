@@ -20,7 +20,8 @@ Everything but the products with S is known before the chunk's start state. With
     Wt = Ti ad, Ut = Ti A_ak v        (sa = Wt S + Ut)
     Qr = rd + A_rb Wt [BT, K]   Ov = A_rb Ut + A_rk v [BT, V]   M = be^T Wt [K, K]   C = be^T Ut + ke^T v [K, V]
 so that o = Qr S + Ov and S' = exp(gC) S + M S + C: a parallel pass forms Qr, Ov, M, C, and the sequential pass
-over chunks is two matrix products per chunk.
+over chunks is two matrix products per chunk. The parallel pass multiplies Ti into the [BT, BT] and [K, BT] factors
+first, X = A_rb Ti and Y = be^T Ti: Qr = rd + X ad, Ov = (X A_ak + A_rk) v, M = Y ad, C = (Y A_ak + ke^T) v.
 Ti is formed by doubling: the inverse over diagonal blocks of 2 (I + A on them), then of 4, 8, 16, 32, each step
 (I - A_2s)^-1 = (I + P) Ti with P = Ti A_off (A_off: A inside the 2s-blocks, outside the s-blocks; P^2 = 0).
 Decay stability: every exponent is a log-decay sum, kept in float32. exp(gp), exp(g), exp(gC) have exponents <= 0;
@@ -31,11 +32,15 @@ Forward, two launches:
     _prep_fwd_kernel   parallel over (chunk, head): Qr, Ov, M, C, exp(gC) (float32, to memory); Ti for the backward
     _state_fwd_kernel  sequential over chunks per (sequence, head, V-block): o = Qr S + Ov, S' = exp(gC) S + M S + C;
                        for the backward it also stores each chunk's start state S
-Backward (G: the gradient of a chunk's end state), two launches:
+Backward (G: the gradient of a chunk's end state), three launches:
     _state_bwd_kernel  sequential in reverse per (sequence, head, V-block): stores G, then
                        G <- exp(gC) G + M^T G + Qr^T do   (the start state's gradient)
-    _grad_kernel       parallel over (chunk, head): from S, G and Ti, sa = Ti (ad S + A_ak v) and every input
-                       gradient of the chunk (dw from reverse cumulative sums of the log-decay gradients)
+    _grad_sa_kernel    parallel over (chunk, head): from S, G and Ti, sa = Ti (ad S + A_ak v), its gradient's
+                       dU = Ti^T (be G + A_rb^T do) and dv; sa and dU to memory (float32, [chunks, H, BT, V])
+    _grad_kernel       parallel over (chunk, head): from S, G, sa and dU, the gradients of r, w, k, a, b (dw from
+                       reverse cumulative sums of the log-decay gradients)
+    (two kernels rather than one: the single kernel took 8 warps of 255 registers, one program per SM; each half
+    runs as 4 warps, two programs per SM, and the pair took 4.1 ms where the one took 6.4 (H100, 8, 4096, 32))
 Dots run in tf32 for bf16/fp16 inputs and in 3xTF32 (float32 accuracy on the tensor cores) for float32 inputs;
 accumulation and every stored intermediate are float32.
 """
@@ -135,16 +140,15 @@ def _prep_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ti_ptr, qr_ptr, o
     A_rb = tl.where(lower, tl.dot(rd, tl.trans(bi), input_precision=PREC), 0.0)
     A_rk = tl.where(lower, tl.dot(rd, tl.trans(ki), input_precision=PREC), 0.0)
     Ti = _solve_unit_lower(A_ab, BT, PREC)
-    Wt = tl.dot(Ti, ad, input_precision=PREC)
-    Ut = tl.dot(Ti, tl.dot(A_ak, v, input_precision=PREC), input_precision=PREC)
-    tl.store(qr_ptr + p, rd + tl.dot(A_rb, Wt, input_precision=PREC), mask=m)
-    Ov = tl.dot(A_rb, Ut, input_precision=PREC) + tl.dot(A_rk, v, input_precision=PREC)
-    tl.store(ov_ptr + pv, Ov, mask=m)
+    # X = A_rb Ti and Y = be^T Ti first: Qr, Ov, M and C are then one product with ad or v each
+    X = tl.dot(A_rb, Ti, input_precision=PREC)
+    tl.store(qr_ptr + p, tl.dot(X, ad, acc=rd, input_precision=PREC), mask=m)
+    tl.store(ov_ptr + pv, tl.dot(tl.dot(X, A_ak, acc=A_rk, input_precision=PREC), v, input_precision=PREC), mask=m)
     sh = i_s.to(tl.int64) * H + i_h
     ok = tl.arange(0, K)
-    be = bi * egC[None, :]
-    tl.store(m_ptr + sh * K * K + ok[:, None] * K + ok[None, :], tl.dot(tl.trans(be), Wt, input_precision=PREC))
-    C = tl.dot(tl.trans(be), Ut, input_precision=PREC) + tl.dot(tl.trans(ki * egC[None, :]), v, input_precision=PREC)
+    Y = tl.dot(tl.trans(bi * egC[None, :]), Ti, input_precision=PREC)
+    tl.store(m_ptr + sh * K * K + ok[:, None] * K + ok[None, :], tl.dot(Y, ad, input_precision=PREC))
+    C = tl.dot(tl.dot(Y, A_ak, acc=tl.trans(ki * egC[None, :]), input_precision=PREC), v, input_precision=PREC)
     tl.store(c_ptr + sh * K * V + ok[:, None] * V + tl.arange(0, V)[None, :], C)
     tl.store(egc_ptr + sh * K + ok, egC)
     if STORE_TI:
@@ -214,55 +218,92 @@ def _state_bwd_kernel(qr_ptr, m_ptr, egc_ptr, do_ptr, dht_ptr, dhs_ptr, dh0_ptr,
 
 
 @triton.jit
-def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ti_ptr, hs_ptr, dhs_ptr,
-                 dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, cu_ptr, chunks_ptr, T,
+def _grad_sa_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ti_ptr, hs_ptr, dhs_ptr, dv_ptr, sa_ptr, du_ptr,
+                    cu_ptr, chunks_ptr, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    i_h = tl.program_id(1)
+    i_s, bos, L, t0 = _chunk_of_program(chunks_ptr, cu_ptr, T, BT, IS_VARLEN)
+    p, m = _rows(bos, t0, L, i_h, H, K, BT, 0, K)
+    pv, _ = _rows(bos, t0, L, i_h, H, V, BT, 0, V)
+    eg, egp, eng, egC = _decays(tl.load(w_ptr + p, mask=m, other=0.0))
+    rd = tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32) * eg
+    ad = tl.load(a_ptr + p, mask=m, other=0.0).to(tl.float32) * egp
+    bi = tl.load(b_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
+    ki = tl.load(k_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
+    be, ke = bi * egC[None, :], ki * egC[None, :]
+    ot = tl.arange(0, BT)
+    sh = i_s.to(tl.int64) * H + i_h
+    Ti = tl.load(ti_ptr + sh * BT * BT + ot[:, None] * BT + ot[None, :])
+    strict = ot[:, None] > ot[None, :]
+    lower = ot[:, None] >= ot[None, :]
+    A_ak = tl.where(strict, tl.dot(ad, tl.trans(ki), input_precision=PREC), 0.0)
+    A_rb = tl.where(lower, tl.dot(rd, tl.trans(bi), input_precision=PREC), 0.0)
+    A_rk = tl.where(lower, tl.dot(rd, tl.trans(ki), input_precision=PREC), 0.0)
+    v = tl.load(v_ptr + pv, mask=m, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + pv, mask=m, other=0.0).to(tl.float32)
+    p_state = sh * K * V + tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
+    S = tl.load(hs_ptr + p_state)
+    G = tl.load(dhs_ptr + p_state)
+    # S' = exp(gC) S + be^T sa + ke^T v ;  o = rd S + A_rb sa + A_rk v ;  sa = Ti U, U = A_ak v + ad S
+    sa = tl.dot(Ti, tl.dot(A_ak, v, acc=tl.dot(ad, S, input_precision=PREC), input_precision=PREC),
+                input_precision=PREC)
+    d_sa = tl.dot(tl.trans(A_rb), do, acc=tl.dot(be, G, input_precision=PREC), input_precision=PREC)
+    dU = tl.dot(tl.trans(Ti), d_sa, input_precision=PREC)
+    dv = tl.dot(tl.trans(A_rk), do, acc=tl.dot(ke, G, input_precision=PREC), input_precision=PREC)
+    dv = tl.dot(tl.trans(A_ak), dU, acc=dv, input_precision=PREC)
+    tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m)
+    p_chunk = sh * BT * V + ot[:, None] * V + tl.arange(0, V)[None, :]
+    tl.store(sa_ptr + p_chunk, sa)
+    tl.store(du_ptr + p_chunk, dU)
+
+
+@triton.jit
+def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, hs_ptr, dhs_ptr, sa_ptr, du_ptr,
+                 dr_ptr, dw_ptr, dk_ptr, da_ptr, db_ptr, cu_ptr, chunks_ptr, T,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr,
                  PREC: tl.constexpr):
     i_h = tl.program_id(1)
     i_s, bos, L, t0 = _chunk_of_program(chunks_ptr, cu_ptr, T, BT, IS_VARLEN)
     p, m = _rows(bos, t0, L, i_h, H, K, BT, 0, K)
     pv, _ = _rows(bos, t0, L, i_h, H, V, BT, 0, V)
+    ot = tl.arange(0, BT)
+    sh = i_s.to(tl.int64) * H + i_h
+    p_chunk = sh * BT * V + ot[:, None] * V + tl.arange(0, V)[None, :]
+    sa = tl.load(sa_ptr + p_chunk)
+    dU = tl.load(du_ptr + p_chunk)
+    v = tl.load(v_ptr + pv, mask=m, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + pv, mask=m, other=0.0).to(tl.float32)
+    p_state = sh * K * V + tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
+    S = tl.load(hs_ptr + p_state)
+    G = tl.load(dhs_ptr + p_state)
+    dA_rb = tl.dot(do, tl.trans(sa), input_precision=PREC)
+    dA_rk = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dA_ab = tl.dot(dU, tl.trans(sa), input_precision=PREC)
+    dA_ak = tl.dot(dU, tl.trans(v), input_precision=PREC)
+    d_rd = tl.dot(do, tl.trans(S), input_precision=PREC)
+    d_ad = tl.dot(dU, tl.trans(S), input_precision=PREC)
+    d_be = tl.dot(sa, tl.trans(G), input_precision=PREC)
+    d_ke = tl.dot(v, tl.trans(G), input_precision=PREC)
+    GS = tl.sum(G * S, 1)
+    strict = ot[:, None] > ot[None, :]
+    lower = ot[:, None] >= ot[None, :]
+    dA_rb = tl.where(lower, dA_rb, 0.0)
+    dA_rk = tl.where(lower, dA_rk, 0.0)
+    dA_ab = tl.where(strict, dA_ab, 0.0)
+    dA_ak = tl.where(strict, dA_ak, 0.0)
+    # The chunk's own inputs are loaded once the [BT, V] and [K, V] tensors above are no longer needed.
     eg, egp, eng, egC = _decays(tl.load(w_ptr + p, mask=m, other=0.0))
-    ece = eng * egC[None, :]
     rd = tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32) * eg
     ad = tl.load(a_ptr + p, mask=m, other=0.0).to(tl.float32) * egp
     bi = tl.load(b_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
     ki = tl.load(k_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
-    be, ke = bi * egC[None, :], ki * egC[None, :]
-    v = tl.load(v_ptr + pv, mask=m, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + pv, mask=m, other=0.0).to(tl.float32)
-    ot = tl.arange(0, BT)
-    sh = i_s.to(tl.int64) * H + i_h
-    Ti = tl.load(ti_ptr + sh * BT * BT + ot[:, None] * BT + ot[None, :])
-    p_state = sh * K * V + tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
-    S = tl.load(hs_ptr + p_state)
-    G = tl.load(dhs_ptr + p_state)
-    strict = ot[:, None] > ot[None, :]
-    lower = ot[:, None] >= ot[None, :]
-    A_ak = tl.where(strict, tl.dot(ad, tl.trans(ki), input_precision=PREC), 0.0)
-    A_rb = tl.where(lower, tl.dot(rd, tl.trans(bi), input_precision=PREC), 0.0)
-    A_rk = tl.where(lower, tl.dot(rd, tl.trans(ki), input_precision=PREC), 0.0)
-    # S' = exp(gC) S + be^T sa + ke^T v ;  o = rd S + A_rb sa + A_rk v ;  sa = Ti U, U = A_ak v + ad S
-    sa = tl.dot(Ti, tl.dot(A_ak, v, acc=tl.dot(ad, S, input_precision=PREC), input_precision=PREC),
-                input_precision=PREC)
-    d_sa = tl.dot(be, G, input_precision=PREC) + tl.dot(tl.trans(A_rb), do, input_precision=PREC)
-    dU = tl.dot(tl.trans(Ti), d_sa, input_precision=PREC)
-    dv = tl.dot(ke, G, input_precision=PREC) + tl.dot(tl.trans(A_rk), do, input_precision=PREC)
-    dv += tl.dot(tl.trans(A_ak), dU, input_precision=PREC)
-    tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m)
-    dA_rb = tl.where(lower, tl.dot(do, tl.trans(sa), input_precision=PREC), 0.0)
-    dA_rk = tl.where(lower, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
-    dA_ab = tl.where(strict, tl.dot(dU, tl.trans(sa), input_precision=PREC), 0.0)
-    dA_ak = tl.where(strict, tl.dot(dU, tl.trans(v), input_precision=PREC), 0.0)
-    d_rd = tl.dot(do, tl.trans(S), input_precision=PREC) + tl.dot(dA_rb, bi, input_precision=PREC)
-    d_rd += tl.dot(dA_rk, ki, input_precision=PREC)
-    d_ad = tl.dot(dU, tl.trans(S), input_precision=PREC) + tl.dot(dA_ab, bi, input_precision=PREC)
-    d_ad += tl.dot(dA_ak, ki, input_precision=PREC)
+    d_rd = tl.dot(dA_rk, ki, acc=tl.dot(dA_rb, bi, acc=d_rd, input_precision=PREC), input_precision=PREC)
+    d_ad = tl.dot(dA_ak, ki, acc=tl.dot(dA_ab, bi, acc=d_ad, input_precision=PREC), input_precision=PREC)
     d_bi = tl.dot(tl.trans(dA_ab), ad, input_precision=PREC) + tl.dot(tl.trans(dA_rb), rd, input_precision=PREC)
     d_ki = tl.dot(tl.trans(dA_ak), ad, input_precision=PREC) + tl.dot(tl.trans(dA_rk), rd, input_precision=PREC)
-    d_be = tl.dot(sa, tl.trans(G), input_precision=PREC)
-    d_ke = tl.dot(v, tl.trans(G), input_precision=PREC)
-    dgC = tl.sum(G * S, 1) * egC + tl.sum(d_be * be + d_ke * ke, 0)
+    ece = eng * egC[None, :]
+    be, ke = bi * egC[None, :], ki * egC[None, :]
+    dgC = GS * egC + tl.sum(d_be * be + d_ke * ke, 0)
     dg = d_rd * rd - d_bi * bi - d_ki * ki - d_be * be - d_ke * ke
     dgp = d_ad * ad
     x = dg + dgp
@@ -347,8 +388,12 @@ class _ChunkWKV7(torch.autograd.Function):
             Qr, M, egC, do, None if dht is None else dht.contiguous(), dhs, dh0, cu_seqlens, coff, T,
             BV=BV, STAGES=stages, USE_DHT=dht is not None, STORE_DH0=ctx.has_h0, num_warps=warps, **meta,
         )
-        _grad_kernel[(slots, H)](r, w, k, v, a, b, do, Ti, hs, dhs, dr, dw, dk, dv, da, db, cu_seqlens, chunks, T,
-                                 num_warps=8, **meta)
+        sa = torch.empty(slots, H, BT, V, dtype=torch.float32, device=r.device)
+        dU = torch.empty_like(sa)
+        _grad_sa_kernel[(slots, H)](r, w, k, v, a, b, do, Ti, hs, dhs, dv, sa, dU, cu_seqlens, chunks, T,
+                                    num_warps=4, **meta)
+        _grad_kernel[(slots, H)](r, w, k, v, a, b, do, hs, dhs, sa, dU, dr, dw, dk, da, db, cu_seqlens, chunks, T,
+                                 num_warps=4, **meta)
         return dr, dw, dk, dv, da, db, dh0, None, None, None
 
 
