@@ -81,8 +81,10 @@ def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, 
     # decay = exp(-exp(-0.5) * sigmoid(w0 + tanh(x_w W1) W2)) lies in (0.545, 1)
     w = -math.exp(-0.5) * torch.sigmoid(w_raw.to(torch.promote_types(w_raw.dtype, torch.float32)))
     a = torch.sigmoid(a_raw)
-    kk = F.normalize((k * k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-    k = k * (1 + (a - 1) * k_a)
+    # kk = F.normalize(k * k_k) per head, spelled out: for one token its Python wrappers cost as much as its arithmetic
+    kk = (k * k_k).view(B, T, H, N)
+    kk = kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min(1e-12)
+    k = torch.lerp(k, k * a, k_a)  # k * (1 + (a - 1) * k_a), in two ops
     if v_first is None:
         v_first = v
     else:
@@ -101,7 +103,7 @@ def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, 
         final_state = state.copy_(final_state)
 
     y = F.group_norm(o.reshape(B * T, C), num_groups=H, weight=gn_weight, bias=gn_bias, eps=gn_eps).view(B, T, H, N)
-    y = y + (r * k * r_k).sum(dim=-1, keepdim=True) * v  # the current token's bonus
+    y = torch.addcmul(y, (r * k * r_k).sum(dim=-1, keepdim=True), v)  # the current token's bonus
     return y.view(B, T, C) * g, v_first, final_state
 
 
