@@ -1,11 +1,11 @@
 """CPU decoding speed: this package's PyTorch path against the official `rwkv` package (strategy "cpu fp32").
 
 Same random weights (official .pth layout, converted for ours), same shape, same machine, same thread count, one
-token per call with the state carried. The two alternate in rounds of --tokens steps (which one goes first
-alternates too), so that load from other processes on a shared machine hits both alike; the table gives the
-median over rounds of each one's ms / token and the median of the per-round speed ratios:
+token per call with the state carried. The two alternate in short rounds of --tokens steps (which one goes
+first alternates too), so that load from other processes on a shared machine hits both alike; the table gives
+the median over rounds of each one's ms / token and the median of the per-round speed ratios:
 
-    python benchmarks/bench_cpu_decode.py [--shape 0.1B] [--tokens 64] [--rounds 7] [--threads N]
+    python benchmarks/bench_cpu_decode.py [--shape 0.1B] [--tokens 8] [--rounds 31] [--threads N]
 """
 
 import argparse
@@ -41,8 +41,8 @@ def per_token_seconds(step, tokens):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="0.1B", choices=SHAPES)
-    parser.add_argument("--tokens", type=int, default=64, help="decoding steps per round")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=8, help="decoding steps per round")
+    parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
