@@ -96,13 +96,14 @@ def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, 
         keep = attention_mask.view(B, T, 1, 1)
         w, k, kk = w * keep, k * keep.to(k.dtype), kk * keep.to(kk.dtype)
     if T == 1 and state is not None:  # decoding: one step of the recurrence
-        o, final_state = wkv7_one_token(r, w, k, v, -kk, kk * a, state)
+        o, final_state = wkv7_one_token(r, w, k, v, -kk, kk * a, state, in_place)
     else:
         o, final_state = wkv7(r, w, k, v, -kk, kk * a, initial_state=state, output_final_state=state is not None)
-    if in_place:
-        final_state = state.copy_(final_state)
+        if in_place:
+            final_state = state.copy_(final_state)
 
-    y = F.group_norm(o.reshape(B * T, C), num_groups=H, weight=gn_weight, bias=gn_bias, eps=gn_eps).view(B, T, H, N)
+    # F.group_norm's Python checks cost about as much as the op itself on one token
+    y = torch.group_norm(o.reshape(B * T, C), H, gn_weight, gn_bias, gn_eps).view(B, T, H, N)
     y = torch.addcmul(y, (r * k * r_k).sum(dim=-1, keepdim=True), v)  # the current token's bonus
     return y.view(B, T, C) * g, v_first, final_state
 

@@ -67,6 +67,23 @@ def test_one_token_step_keeps_the_reference_dtypes_and_state(dtype):
         torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_one_token_step_in_place_writes_the_new_state_into_the_given_one(dtype, contiguous):
+    """in_place (decoding): the given float32 state becomes the new state and comes back, the same values as the
+    step that leaves it alone. A float32 state updates where it lies; one the step cannot update there (float64
+    inputs step in float64; a strided state does not view as [B * H, K, V]) gets the new state copied in."""
+    inputs, state = wkv7_inputs(2, 1, 3, 16, 16, dtype)
+    state = state.float()
+    if not contiguous:
+        state = state.transpose(-1, -2).contiguous().transpose(-1, -2)
+    ref_o, ref_h = wkv7_one_token(*inputs, state)
+    o, h = wkv7_one_token(*inputs, state, in_place=True)
+    assert h is state and o.dtype == dtype
+    assert torch.equal(o, ref_o)
+    assert torch.equal(state, ref_h.float())
+
+
 @pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "new_state"])
 def test_time_mix_one_token_updates_the_state_only_in_place(in_place):
     B, H, N = 2, 2, 64
