@@ -228,7 +228,7 @@ def norm_mix_project(x, norm, shift_state, projections, attention_mask, decoding
             attention_mask,
         )
         return outputs, shift_state
-    mixes = torch.stack([mix.reshape(-1) for mix, _, _ in projections])
+    mixes = [mix for mix, _, _ in projections]
     mixed, last_x = kernels.norm_shift_mix(
         x, norm.weight, norm.bias, norm.eps, shift_state, mixes, attention_mask, in_place=decoding
     )

@@ -74,6 +74,7 @@ def norm_shift_mix(x, weight, bias, eps, prev, mixes, attention_mask=None, in_pl
     if fused_inference(x) and prev.is_contiguous() and (x.shape[1] == 1 or (attention_mask is None and not in_place)):
         from .norm_shift_mix_fused import norm_shift_mix_fused
 
+        mixes = torch.stack([mix.reshape(-1) for mix in mixes])  # the kernel reads them as one [M, C] tensor
         return norm_shift_mix_fused(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
     return norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
 
@@ -92,7 +93,7 @@ def fused_norm_mix_linear(x, weight, bias, eps, prev, projections, attention_mas
         from .norm_mix_linear_decode import norm_mix_linear_row
 
         return norm_mix_linear_row(x, weight, bias, eps, prev, projections, attention_mask)
-    mixes = torch.stack([mix.reshape(-1) for mix, _, _ in projections])
+    mixes = [mix for mix, _, _ in projections]
     mixed, _ = norm_shift_mix(x, weight, bias, eps, prev, mixes, attention_mask, in_place=True)
     return [linear(m, w, None, act) for m, (_, w, act) in zip(mixed, projections)]
 

@@ -40,13 +40,16 @@ def norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask=N
     """LayerNorm, the token shift, then one lerp per mix: the inputs of a time mix (six mixes) or channel mix (one).
 
     x [B, T, C] (the residual stream); weight, bias [C] (bias may be None); prev [B, C] (the previous call's last
-    normalised x); mixes [M, C]; attention_mask [B, T] or None.
-    Returns (mixed [M, B, T, C] with mixed[m] = xn + (xn_prev - xn) * mixes[m], the new prev [B, C]). in_place:
+    normalised x); mixes: M mixes of C values each (an [M, C] tensor, or tensors of any shape that broadcasts to
+    [C], like the model's [1, 1, C] parameters); attention_mask [B, T] or None.
+    Returns (mixed: M tensors [B, T, C], mixed[m] = xn + (xn_prev - xn) * mixes[m]; the new prev [B, C]). in_place:
     the new prev is written into `prev` (decoding).
     """
     xn = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     xn_prev, last = token_shift_reference(xn, prev, attention_mask)
-    mixed = torch.addcmul(xn, xn_prev - xn, mixes.view(-1, 1, 1, x.shape[-1]))
+    delta = xn_prev - xn
+    # one op per mix: cheaper for one token than stacking the mixes and splitting the result
+    mixed = [torch.addcmul(xn, delta, mix) for mix in mixes]
     # in place: after the last read of xn_prev, which may be a view of prev; otherwise a copy, not a view that
     # would keep the whole of xn alive in the cache
     return mixed, prev.copy_(last) if in_place else last.clone()
@@ -56,7 +59,7 @@ def norm_mix_linear_reference(x, weight, bias, eps, prev, projections, attention
     """LayerNorm, token shift, and the projections that read the lerps: [activation(mixed_i W_i^T)] for each
     (mix_i [C], W_i [N_i, C], activation) in projections, with mixed_i as in norm_shift_mix_reference.
     Returns (outputs [B, T, N_i] in order, the new prev [B, C])."""
-    mixes = torch.stack([mix.reshape(-1) for mix, _, _ in projections])
+    mixes = [mix for mix, _, _ in projections]
     mixed, last = norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
     return [linear_reference(m, w, None, act) for m, (_, w, act) in zip(mixed, projections)], last
 

@@ -139,6 +139,7 @@ def test_fused_norm_shift_mix_matches_reference(dtype, mixes, with_bias):
     ref_prev = prev.double().clone()
     ref_mixed, _ = norm_shift_mix_reference(x.double(), weight.double(), None if bias is None else bias.double(),
                                             1e-5, ref_prev, mix.double(), mask, in_place=True)
+    ref_mixed = torch.stack(ref_mixed)
     mixed, returned = norm_shift_mix_fused(x, weight, bias, 1e-5, prev, mix, mask, in_place=True)
     assert returned is prev and mixed.shape == (mixes, B, 1, C) and mixed.dtype == dtype
     bound = 1e-6 if dtype == torch.float32 else 5e-3

@@ -38,6 +38,7 @@ def test_norm_shift_mix_sequence_matches_reference(dtype, mixes):
     mix = torch.rand(mixes, C, generator=g).to(DEVICE, dtype)
     ref_mixed, ref_prev = norm_shift_mix_reference(x.double(), weight.double(), bias.double(), 1e-5, prev.double(),
                                                    mix.double())
+    ref_mixed = torch.stack(ref_mixed)
     before = prev.clone()
     mixed, new_prev = norm_shift_mix_fused(x, weight, bias, 1e-5, prev, mix)
     assert mixed.shape == (mixes, B, T, C) and mixed.dtype == dtype and new_prev is not prev
