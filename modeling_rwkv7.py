@@ -342,8 +342,13 @@ class RWKV7Block(nn.Module):
     def __init__(self, config: RWKV7Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        if config.norm_first and layer_idx == 0:
-            self.pre_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        # layer 0 normalises the embeddings; elsewhere None, a plain attribute (a missing one would make every
+        # forward fail a lookup through nn.Module.__getattr__, which costs a CPU decoding step measurable time)
+        self.pre_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+            if config.norm_first and layer_idx == 0
+            else None
+        )
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
         self.attn = RWKV7TimeMix(config, layer_idx)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
@@ -354,7 +359,7 @@ class RWKV7Block(nn.Module):
 
         Decoding (one token with a cache, no autograd) updates the states in place; see RWKV7TimeMix.forward."""
         decoding = wkv_state is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
-        if hasattr(self, "pre_norm"):
+        if self.pre_norm is not None:
             x = self.pre_norm(x)
         x, v_first, wkv_state, attn_shift = self.attn(
             x, self.attn_norm, v_first, wkv_state, attn_shift, attention_mask, decoding
