@@ -24,6 +24,7 @@ import triton.language as tl
 
 @triton.jit
 def _layer_norm_row(x_ptr, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS: tl.constexpr):
+    """LayerNorm of one row x[cols] (cols < C inside), float32; also used by norm_mix_linear_decode.py."""
     x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     mean = tl.sum(x, 0) / C
     centred = tl.where(inside, x - mean, 0.0)

@@ -86,14 +86,13 @@ def time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r
     v_out = v if first_layer else torch.empty_like(v)
     vg, vf = (v, v) if first_layer else (rows(v_gate_raw), rows(v_first))  # placeholders in layer 0 (not read)
     grid = (triton.cdiv(B * T, BLOCK_T), H)
+    heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+    y = torch.empty_like(r)
     with torch.cuda.device(r.device if r.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
         _before_wkv_kernel[grid](w_raw, k, v, a_raw, vg, vf, k_k, k_a, w, k_out, v_out, a_wkv, b_wkv, B * T,
                                  int(first_layer), C=C, N=N, BLOCK_T=BLOCK_T, num_warps=4)
-    heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-    o, final_state = chunk_wkv7(heads(r), heads(w), heads(k_out), heads(v_out), heads(a_wkv), heads(b_wkv),
-                                initial_state=state, output_final_state=state is not None)
-    y = torch.empty_like(r)
-    with torch.cuda.device(r.device if r.is_cuda else -1):
+        o, final_state = chunk_wkv7(heads(r), heads(w), heads(k_out), heads(v_out), heads(a_wkv), heads(b_wkv),
+                                    initial_state=state, output_final_state=state is not None)
         _after_wkv_kernel[grid](o, r, k_out, v_out, g, r_k, gn_weight, gn_bias, y, gn_eps, B * T,
                                 C=C, N=N, BLOCK_T=BLOCK_T, num_warps=4)
     v_first = v.view(B, T, C) if first_layer else v_first
