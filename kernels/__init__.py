@@ -74,7 +74,6 @@ def norm_shift_mix(x, weight, bias, eps, prev, mixes, attention_mask=None, in_pl
     if fused_inference(x) and prev.is_contiguous() and (x.shape[1] == 1 or (attention_mask is None and not in_place)):
         from .norm_shift_mix_fused import norm_shift_mix_fused
 
-        mixes = torch.stack([mix.reshape(-1) for mix in mixes])  # the kernel reads them as one [M, C] tensor
         return norm_shift_mix_fused(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
     return norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask, in_place)
 

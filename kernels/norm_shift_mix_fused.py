@@ -10,7 +10,7 @@ Shapes, layouts, dtypes:
     x          : [B, T, C] contiguous, the model dtype
     weight     : [C], bias : [C] or None (the LayerNorm)
     prev       : [B, C] contiguous, the previous call's last normalised x
-    mixes      : [M, C]
+    mixes      : M vectors of C elements (M <= 7)
     mask       : [B] (0 = padding; T = 1 only) or None
     out        : [M, B, T, C] in x's dtype; new prev [B, C], written into prev when decoding (in place)
 Computed in float32. One program per token: it normalises its own row and the one before (cheaper than a second
@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_MIXES = 7  # the time mix has 7 projections (r, k, v, the 4 LoRAs; v and its LoRA share a mix), the channel mix 1
 
 @triton.jit
 def _layer_norm_row(x_ptr, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS: tl.constexpr):
@@ -35,7 +36,7 @@ def _layer_norm_row(x_ptr, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS: tl.cons
 
 
 @triton.jit
-def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, mask_ptr, out_ptr, new_prev_ptr, eps, B, T, C, M,
+def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mixes, mask_ptr, out_ptr, new_prev_ptr, eps, B, T, C, M,
                            BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     i_b, i_t = tl.program_id(0) // T, tl.program_id(0) % T
     cols = tl.arange(0, BLOCK)
@@ -47,9 +48,11 @@ def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, mask_ptr, out
     else:
         xn_prev = _layer_norm_row(x_ptr + token - C, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS)
     delta = xn_prev - xn
-    for m in range(M):  # M at run time: the time and channel mixes share one compiled kernel (cold start)
-        mix = tl.load(mix_ptr + m * C + cols, mask=inside).to(tl.float32)
-        tl.store(out_ptr + m * B * T * C + token + cols, (xn + delta * mix).to(out_ptr.dtype.element_ty), mask=inside)
+    for m in tl.static_range(len(mixes)):  # always MAX_MIXES pointers, M of them read
+        if m < M:  # M at run time: the time and channel mixes share one compiled kernel (cold start)
+            mix = tl.load(mixes[m] + cols, mask=inside).to(tl.float32)
+            out = (xn + delta * mix).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + m * B * T * C + token + cols, out, mask=inside)
     if i_t == T - 1:
         if HAS_MASK:  # T = 1
             xn = tl.where(tl.load(mask_ptr + i_b) != 0, xn, xn_prev)
@@ -58,19 +61,25 @@ def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, mask_ptr, out
 
 @torch.no_grad()
 def norm_shift_mix_fused(x, weight, bias, eps, prev, mixes, attention_mask=None, in_place=False):
-    """x [B, T, C], prev [B, C] contiguous, mixes [M, C], attention_mask [B, 1] or None (T > 1 needs None).
+    """x [B, T, C], prev [B, C] contiguous, mixes: up to 7 vectors of C elements (a list, or the rows of an
+    [M, C] tensor), attention_mask [B, 1] or None (T > 1 needs None).
     Returns (mixed [M, B, T, C], new prev [B, C]): `prev` itself, updated, when in_place (one token per row)."""
     B, T, C = x.shape
     if not prev.is_contiguous() or (T > 1 and (attention_mask is not None or in_place)):
         raise ValueError("a contiguous prev is needed; a padding mask or in-place update only for one token per row")
-    M = mixes.shape[0]
+    mixes = tuple(m.contiguous() for m in mixes)
+    M = len(mixes)
+    if not 0 < M <= MAX_MIXES or any(m.numel() != C for m in mixes):
+        raise ValueError(f"1 to {MAX_MIXES} mixes of {C} elements are needed, got {[m.numel() for m in mixes]}")
     x = x.contiguous()
     out = torch.empty(M, B, T, C, dtype=x.dtype, device=x.device)
     new_prev = prev if in_place else torch.empty_like(prev)
     mask = attention_mask.reshape(B).contiguous() if attention_mask is not None else x
+    # always MAX_MIXES pointers (the unused ones repeat the first), so one compiled kernel serves both mixes
+    mixes += mixes[:1] * (MAX_MIXES - M)
     with torch.cuda.device(x.device if x.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
         _norm_shift_mix_kernel[(B * T,)](
-            x, weight, bias if bias is not None else weight, prev, mixes.contiguous(), mask, out, new_prev, eps,
+            x, weight, bias if bias is not None else weight, prev, mixes, mask, out, new_prev, eps,
             B, T, C, M, BLOCK=triton.next_power_of_2(C), HAS_BIAS=bias is not None,
             HAS_MASK=attention_mask is not None, num_warps=4 if C <= 2048 else 8,
         )

@@ -341,34 +341,40 @@ def _state_config(n_programs, V):
     return (16, 2, 3) if n_programs < sms else (V, 4, 2)
 
 
+def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, needs_grad):
+    """The forward's two launches. Returns (o, final state or None, what the backward needs or None)."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    slots, chunks, coff = _chunk_table(cu_seqlens, B, T)
+    f32 = dict(dtype=torch.float32, device=r.device)
+    Qr = torch.empty(B, T, H, K, **f32)
+    Ov = torch.empty(B, T, H, V, **f32)
+    M = torch.empty(slots, H, K, K, **f32)
+    C = torch.empty(slots, H, K, V, **f32)
+    egC = torch.empty(slots, H, K, **f32)
+    Ti = torch.empty(slots, H, BT, BT, **f32) if needs_grad else None
+    hs = torch.empty(slots, H, K, V, **f32) if needs_grad else None
+    o = torch.empty_like(v, dtype=r.dtype)
+    ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
+    meta = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None, PREC=_prec(r))
+    _prep_fwd_kernel[(slots, H)](r, w, k, v, a, b, Ti, Qr, Ov, M, C, egC, cu_seqlens, chunks, T,
+                                 STORE_TI=needs_grad, num_warps=4, maxnreg=PREP_MAXNREG, **meta)
+    BV, warps, stages = _state_config(N * H, V)
+    _state_fwd_kernel[(V // BV, N * H)](
+        Qr, Ov, M, C, egC, initial_state, o, ht, hs, cu_seqlens, coff, T, BV=BV, STAGES=stages,
+        USE_H0=initial_state is not None, STORE_FINAL=output_final_state, SAVE=needs_grad, num_warps=warps, **meta,
+    )
+    saved = (r, w, k, v, a, b, Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff) if needs_grad else None
+    return o, ht, saved
+
+
 class _ChunkWKV7(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, needs_grad):
-        B, T, H, K = r.shape
-        V = v.shape[-1]
-        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        slots, chunks, coff = _chunk_table(cu_seqlens, B, T)
-        f32 = dict(dtype=torch.float32, device=r.device)
-        Qr = torch.empty(B, T, H, K, **f32)
-        Ov = torch.empty(B, T, H, V, **f32)
-        M = torch.empty(slots, H, K, K, **f32)
-        C = torch.empty(slots, H, K, V, **f32)
-        egC = torch.empty(slots, H, K, **f32)
-        Ti = torch.empty(slots, H, BT, BT, **f32) if needs_grad else None
-        hs = torch.empty(slots, H, K, V, **f32) if needs_grad else None
-        o = torch.empty_like(v, dtype=r.dtype)
-        ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
-        meta = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None, PREC=_prec(r))
-        _prep_fwd_kernel[(slots, H)](r, w, k, v, a, b, Ti, Qr, Ov, M, C, egC, cu_seqlens, chunks, T,
-                                     STORE_TI=needs_grad, num_warps=4, maxnreg=PREP_MAXNREG, **meta)
-        BV, warps, stages = _state_config(N * H, V)
-        _state_fwd_kernel[(V // BV, N * H)](
-            Qr, Ov, M, C, egC, initial_state, o, ht, hs, cu_seqlens, coff, T, BV=BV, STAGES=stages,
-            USE_H0=initial_state is not None, STORE_FINAL=output_final_state, SAVE=needs_grad, num_warps=warps, **meta,
-        )
-        if needs_grad:
-            ctx.save_for_backward(r, w, k, v, a, b, Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff)
-            ctx.has_h0 = initial_state is not None
+    def forward(ctx, r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens):
+        o, ht, saved = _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, True)
+        ctx.save_for_backward(*saved)
+        ctx.has_h0 = initial_state is not None
         return o, ht
 
     @staticmethod
@@ -394,7 +400,7 @@ class _ChunkWKV7(torch.autograd.Function):
                                     num_warps=4, **meta)
         _grad_kernel[(slots, H)](r, w, k, v, a, b, do, hs, dhs, sa, dU, dr, dw, dk, da, db, cu_seqlens, chunks, T,
                                  num_warps=4, **meta)
-        return dr, dw, dk, dv, da, db, dh0, None, None, None
+        return dr, dw, dk, dv, da, db, dh0, None, None
 
 
 def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -408,5 +414,7 @@ def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, c
     inputs = (r, w, k, v, a, b, initial_state)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     with torch.cuda.device(r.device if r.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
-        o, ht = _ChunkWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, needs_grad)
+        if needs_grad:
+            return _ChunkWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens)
+        o, ht, _ = _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, False)
     return o, ht
