@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import pdl
-from .norm_shift_mix_fused import _layer_norm_row
+from .norm_shift_mix_fused import _layer_norm_params, _layer_norm_row
 
 ACTIVATIONS = {None: 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
 # outputs and warps per program, measured on an H200 over whole decoding steps: 8 outputs beat 1, 2 and 4 by 5-25%;
@@ -54,15 +54,17 @@ def _norm_mix_linear_kernel(x_ptr, ln_w_ptr, ln_b_ptr, prev_ptr, mask_ptr, count
     in_rows = rows < size
     cols = tl.arange(0, BLOCK_C)
     inside = cols < C
-    # the weight tile first: its read from memory is the kernel's cost; no kernel writes it, so it is read before
-    # waiting for the previous kernel (kernels/pdl.py)
+    # the weights first (the tile, whose read from memory is the kernel's cost, then the LayerNorm's and the mix):
+    # no kernel writes them, so they are read before waiting for the previous kernel (kernels/pdl.py)
     w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=in_rows[:, None] & inside[None, :], other=0.0)
+    ln_w, ln_b = _layer_norm_params(ln_w_ptr, ln_b_ptr, cols, inside, HAS_BIAS)
+    mix = tl.load(mix_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     if PDL:
         gdc_wait()
 
-    xn = _layer_norm_row(x_ptr, ln_w_ptr, ln_b_ptr, cols, inside, eps, C, HAS_BIAS)
+    xn = _layer_norm_row(x_ptr, ln_w, ln_b, cols, inside, eps, C)
     prev = tl.load(prev_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    inp = xn + (prev - xn) * tl.load(mix_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    inp = xn + (prev - xn) * mix
     y = tl.sum(w.to(tl.float32) * inp[None, :], 1)
     y = tl.where(act == 1, 2 * tl.sigmoid(2 * y) - 1, y)  # tanh
     y = tl.where(act == 2, tl.sigmoid(y), y)

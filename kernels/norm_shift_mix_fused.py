@@ -24,15 +24,24 @@ import triton.language as tl
 MAX_MIXES = 7  # the time mix has 7 projections (r, k, v, the 4 LoRAs; v and its LoRA share a mix), the channel mix 1
 
 @triton.jit
-def _layer_norm_row(x_ptr, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS: tl.constexpr):
-    """LayerNorm of one row x[cols] (cols < C inside), float32; also used by norm_mix_linear_decode.py."""
+def _layer_norm_params(w_ptr, b_ptr, cols, inside, HAS_BIAS: tl.constexpr):
+    """A LayerNorm's weight and bias at cols, float32 (bias 0 where it has none); also used by
+    norm_mix_linear_decode.py, which reads them before waiting for the previous kernel."""
+    ln_w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        ln_b = tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    else:
+        ln_b = tl.zeros_like(ln_w)
+    return ln_w, ln_b
+
+
+@triton.jit
+def _layer_norm_row(x_ptr, ln_w, ln_b, cols, inside, eps, C):
+    """LayerNorm of one row x[cols] (cols < C inside), float32, with the weight and bias of _layer_norm_params."""
     x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     mean = tl.sum(x, 0) / C
     centred = tl.where(inside, x - mean, 0.0)
-    xn = centred / tl.sqrt(tl.sum(centred * centred, 0) / C + eps) * tl.load(w_ptr + cols, mask=inside).to(tl.float32)
-    if HAS_BIAS:
-        xn += tl.load(b_ptr + cols, mask=inside).to(tl.float32)
-    return xn
+    return centred / tl.sqrt(tl.sum(centred * centred, 0) / C + eps) * ln_w + ln_b
 
 
 @triton.jit
@@ -42,11 +51,12 @@ def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mixes, mask_ptr, out_p
     cols = tl.arange(0, BLOCK)
     inside = cols < C
     token = (i_b.to(tl.int64) * T + i_t) * C
-    xn = _layer_norm_row(x_ptr + token, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS)
+    ln_w, ln_b = _layer_norm_params(w_ptr, b_ptr, cols, inside, HAS_BIAS)
+    xn = _layer_norm_row(x_ptr + token, ln_w, ln_b, cols, inside, eps, C)
     if i_t == 0:
         xn_prev = tl.load(prev_ptr + i_b * C + cols, mask=inside).to(tl.float32)
     else:
-        xn_prev = _layer_norm_row(x_ptr + token - C, w_ptr, b_ptr, cols, inside, eps, C, HAS_BIAS)
+        xn_prev = _layer_norm_row(x_ptr + token - C, ln_w, ln_b, cols, inside, eps, C)
     delta = xn_prev - xn
     for m in tl.static_range(len(mixes)):  # always MAX_MIXES pointers, M of them read
         if m < M:  # M at run time: the time and channel mixes share one compiled kernel (cold start)

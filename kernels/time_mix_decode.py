@@ -68,11 +68,19 @@ def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, a
     cols = i_h * N + tl.arange(0, N)  # this head's channels
     row = i_b * C + cols
 
-    # the LoRA weights first: no kernel writes them, so they are read before waiting for the previous kernel
-    # (kernels/pdl.py); then every other read up front (the state, the largest, first), so their latencies overlap
+    # the weights first (the LoRAs', then the per-channel ones): no kernel writes them, so they are read before
+    # waiting for the previous kernel (kernels/pdl.py); then every other read up front (the state, the largest,
+    # first), so their latencies overlap
     w_up, w_bias = _lora_weights(w_up_ptr, w_bias_ptr, cols, D[0], BLOCK_D[0], True)
     a_up, a_bias = _lora_weights(a_up_ptr, a_bias_ptr, cols, D[1], BLOCK_D[1], True)
     g_up, g_bias = _lora_weights(g_up_ptr, g_up_ptr, cols, D[2], BLOCK_D[2], False)
+    if not FIRST_LAYER:
+        v_up, v_bias = _lora_weights(v_up_ptr, v_bias_ptr, cols, D[3], BLOCK_D[3], True)
+    k_k = tl.load(kk_w_ptr + cols).to(tl.float32)
+    k_a = tl.load(ka_ptr + cols).to(tl.float32)
+    r_k = tl.load(rk_ptr + cols).to(tl.float32)
+    gn_w = tl.load(gnw_ptr + cols).to(tl.float32)
+    gn_b = tl.load(gnb_ptr + cols).to(tl.float32)
     if PDL:
         gdc_wait()
     p_s = s_ptr + (i_b * H + i_h) * N * N + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
@@ -87,11 +95,10 @@ def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, a
     # decay = exp(-exp(-0.5) * sigmoid(w_raw)); 0.6065306597126334 = exp(-0.5)
     decay = tl.exp(-0.6065306597126334 * tl.sigmoid(w_raw))
     a = tl.sigmoid(a_raw)
-    kk = k * tl.load(kk_w_ptr + cols).to(tl.float32)
+    kk = k * k_k
     kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)
-    k = k * (1 + (a - 1) * tl.load(ka_ptr + cols).to(tl.float32))
+    k = k * (1 + (a - 1) * k_a)
     if not FIRST_LAYER:
-        v_up, v_bias = _lora_weights(v_up_ptr, v_bias_ptr, cols, D[3], BLOCK_D[3], True)
         v_gate = tl.sigmoid(_lora(vh_ptr, v_up, v_bias, i_b, cols, C, D[3], BLOCK_D[3]))
         v = v + (tl.load(vf_ptr + row).to(tl.float32) - v) * v_gate
     if HAS_MASK:  # a padded token leaves the state as it was
@@ -109,8 +116,8 @@ def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, a
     mean = tl.sum(o, 0) / N
     centred = o - mean
     o = centred / tl.sqrt(tl.sum(centred * centred, 0) / N + gn_eps)
-    o = o * tl.load(gnw_ptr + cols).to(tl.float32) + tl.load(gnb_ptr + cols).to(tl.float32)
-    o = o + tl.sum(r * k * tl.load(rk_ptr + cols).to(tl.float32), 0) * v  # the current token's bonus
+    o = o * gn_w + gn_b
+    o = o + tl.sum(r * k * r_k, 0) * v  # the current token's bonus
     y = o * g
     tl.store(y_ptr + row, y.to(y_ptr.dtype.element_ty))
 
