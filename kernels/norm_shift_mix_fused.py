@@ -44,7 +44,7 @@ def _layer_norm_row(x_ptr, ln_w, ln_b, cols, inside, eps, C):
     return centred / tl.sqrt(tl.sum(centred * centred, 0) / C + eps) * ln_w + ln_b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "T", "M"])  # Triton compiles an int equal to 1 into a kernel of its own
 def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mixes, mask_ptr, out_ptr, new_prev_ptr, eps, B, T, C, M,
                            BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     i_b, i_t = tl.program_id(0) // T, tl.program_id(0) % T

@@ -25,7 +25,7 @@ from .wkv7_chunk import chunk_wkv7
 BLOCK_T = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_layer"])  # Triton compiles an int equal to 1 into a kernel of its own
 def _before_wkv_kernel(w_raw_ptr, k_ptr, v_ptr, a_raw_ptr, vg_ptr, vf_ptr, k_k_ptr, k_a_ptr,
                        w_ptr, k_out_ptr, v_out_ptr, a_out_ptr, b_out_ptr, rows_total, first_layer,
                        C: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr):
