@@ -100,11 +100,13 @@ def fused_norm_mix_linear(x, weight, bias, eps, prev, projections, attention_mas
 def fused_time_mix(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
                    attention_mask, state):
     """A decoding step's time mix from the LoRA hidden activations on, state updated in place; CUDA. Arguments in
-    time_mix_decode.py, math in ops_reference.time_mix_reference. One fused kernel; with several rows the LoRA
-    up-projections run first as matmuls, which read each weight once for all rows."""
+    time_mix_decode.py, math in ops_reference.time_mix_reference. One fused kernel, one program per (row, head),
+    which applies its head's LoRA up-projections itself. Beyond about 8 programs per SM the LoRA up-projections run
+    first as matmuls, which read each weight once for all rows (H100, 0.4B ranks: the kernel alone took 9.7 us
+    against 13.8 with matmuls at 32 rows and 16 heads; 130 us against 113 at 256 rows and 32 heads)."""
     from .time_mix_decode import time_mix_decode_
 
-    if r.shape[0] > 1:
+    if r.shape[0] * r_k.shape[0] > 8 * torch.cuda.get_device_properties(r.device).multi_processor_count:
         w_lora, a_lora, v_lora, g_lora = (
             None if lora is None else (linear_reference(*lora), None, None) for lora in (w_lora, a_lora, v_lora, g_lora)
         )

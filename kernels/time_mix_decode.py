@@ -16,8 +16,8 @@ Shapes, layouts, dtypes:
     y (returned)            : [B, C] in r's dtype
 Everything is computed in float32. One program per (row, head) holds that head's 64 x 64 state in registers (the
 GroupNorm and the kk normalisation need the whole head) and computes the head's 64 outputs of each LoRA
-up-projection itself: for one row (batch-1 decoding) that saves four launches. For many rows those tiles would be
-read once per row, so there a matmul applies the up-projections beforehand. No host sync and no data-dependent
+up-projection itself, which saves four launches. For many rows those tiles would be read once per row, so there
+a matmul applies the up-projections beforehand (kernels.fused_time_mix chooses). No host sync and no data-dependent
 allocation, so the call can be captured in a CUDA graph.
 """
 
