@@ -106,7 +106,8 @@ def fused_time_mix(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a, r
     against 13.8 with matmuls at 32 rows and 16 heads; 130 us against 113 at 256 rows and 32 heads)."""
     from .time_mix_decode import time_mix_decode_
 
-    if r.shape[0] * r_k.shape[0] > 8 * torch.cuda.get_device_properties(r.device).multi_processor_count:
+    sms = torch.cuda.get_device_properties(r.device).multi_processor_count if r.is_cuda else 1  # 1: interpreter
+    if r.shape[0] * r_k.shape[0] > 8 * sms:
         w_lora, a_lora, v_lora, g_lora = (
             None if lora is None else (linear_reference(*lora), None, None) for lora in (w_lora, a_lora, v_lora, g_lora)
         )
