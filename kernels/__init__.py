@@ -101,13 +101,14 @@ def fused_time_mix(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a, r
                    attention_mask, state):
     """A decoding step's time mix from the LoRA hidden activations on, state updated in place; CUDA. Arguments in
     time_mix_decode.py, math in ops_reference.time_mix_reference. One fused kernel, one program per (row, head),
-    which applies its head's LoRA up-projections itself. Beyond about 8 programs per SM the LoRA up-projections run
+    which applies its head's LoRA up-projections itself. Beyond about 4 programs per SM the LoRA up-projections run
     first as matmuls, which read each weight once for all rows (H100, 0.4B ranks: the kernel alone took 9.7 us
-    against 13.8 with matmuls at 32 rows and 16 heads; 130 us against 113 at 256 rows and 32 heads)."""
+    against 13.8 with matmuls at 32 rows and 16 heads, 16.9 against 17.7 at 32 and 32, 130 against 113 at 256
+    and 32)."""
     from .time_mix_decode import time_mix_decode_
 
     sms = torch.cuda.get_device_properties(r.device).multi_processor_count if r.is_cuda else 1  # 1: interpreter
-    if r.shape[0] * r_k.shape[0] > 8 * sms:
+    if r.shape[0] * r_k.shape[0] > 4 * sms:
         w_lora, a_lora, v_lora, g_lora = (
             None if lora is None else (linear_reference(*lora), None, None) for lora in (w_lora, a_lora, v_lora, g_lora)
         )
