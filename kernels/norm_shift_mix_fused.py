@@ -23,6 +23,7 @@ import triton.language as tl
 
 MAX_MIXES = 7  # the time mix has 7 projections (r, k, v, the 4 LoRAs; v and its LoRA share a mix), the channel mix 1
 
+
 @triton.jit
 def _layer_norm_params(w_ptr, b_ptr, cols, inside, HAS_BIAS: tl.constexpr):
     """A LayerNorm's weight and bias at cols, float32 (bias 0 where it has none); also used by
