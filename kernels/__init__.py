@@ -21,15 +21,33 @@ modeling_rwkv7.py imports this folder by path (see `load_kernels` there): transf
 copies only flat files, so everything here is imported relatively, from inside this package.
 """
 
+import re
+import warnings
+
 import torch
 
 from .ops_reference import activation_reference, linear_reference, norm_shift_mix_reference, time_mix_reference
 from .wkv7_reference import wkv7_reference
 
-try:  # triton is optional: without it (CPU-only installs) every op runs its reference
-    import triton  # noqa: F401
+MIN_TRITON = (3, 5)  # the decoding kernels' programmatic dependent launch (gdc_wait) compiles from triton 3.5 on
 
-    HAS_TRITON = True
+
+def triton_supported(version):
+    """Whether the kernels here compile with this triton version string ("3.5.0", "3.10.1+git...")."""
+    major_minor = re.match(r"(\d+)\.(\d+)", version)
+    return major_minor is None or tuple(map(int, major_minor.groups())) >= MIN_TRITON
+
+
+try:  # triton is optional: without it (CPU-only installs) every op runs its reference
+    import triton
+
+    HAS_TRITON = triton_supported(triton.__version__)
+    if not HAS_TRITON and torch.cuda.is_available():
+        warnings.warn(
+            f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, which the bundled RWKV-7 "
+            "kernels need: the model runs its PyTorch path on CUDA too, which is much slower. Upgrade PyTorch "
+            "(2.9 or newer brings triton 3.5) or triton: pip install -U torch triton"
+        )
 except ImportError:
     HAS_TRITON = False
 

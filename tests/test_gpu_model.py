@@ -118,3 +118,21 @@ def test_graph_memory_is_released_with_the_model():
     gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == baseline
+
+
+@torch.no_grad()
+def test_cuda_without_usable_triton_runs_the_pytorch_path(monkeypatch):
+    """With a triton too old for the kernels (kernels.HAS_TRITON False, and a warning at import), CUDA runs the
+    PyTorch references, graphed decoding included, and generates what the CPU does."""
+    import modeling_rwkv7
+
+    monkeypatch.setattr(modeling_rwkv7.kernels, "HAS_TRITON", False)
+    cpu = make_model(seed=5)
+    gpu = copy.deepcopy(cpu).to("cuda")
+    ids = torch.randint(1, 1000, (2, 20), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    ref = cpu.generate(ids, **kwargs)
+    out = gpu.generate(ids.cuda(), **kwargs)
+    assert gpu._decode_graphs  # the decoding steps ran as a CUDA graph
+    assert torch.equal(out.sequences.cpu(), ref.sequences)
+    assert rms_rel(torch.stack(out.scores).cpu(), torch.stack(ref.scores)) <= 1e-4

@@ -28,6 +28,15 @@ BOUNDS = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-3, 1e-2), torch.float
 DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in BOUNDS]
 
 
+def test_kernels_need_triton_3_5():
+    """The decoding kernels' griddepcontrol does not compile before triton 3.5: with an older one every op runs its
+    PyTorch reference (kernels.HAS_TRITON is False; a warning says so on CUDA machines)."""
+    from kernels import triton_supported
+
+    assert not triton_supported("3.4.0") and not triton_supported("3.0.0") and not triton_supported("2.3.1")
+    assert triton_supported("3.5.0") and triton_supported("3.10.1+git1a2b3c4") and triton_supported("4.0.0")
+
+
 def make_inputs(B, T, H, dtype, seed=0):
     """r, w, k, v, a, b drawn as RWKV-7 produces them; w float32 (log decay), the rest in `dtype`."""
     g = torch.Generator().manual_seed(seed)
