@@ -29,20 +29,25 @@ exp(-g) is at most exp(BT * exp(-0.5)) = exp(19.4) ~ 3e8 (w >= -exp(-0.5) is the
 range, and enters only products whose true exponent is <= 0 (gp_t - g_s for s < t, gC - g_t), so nothing overflows.
 
 Forward, two launches:
-    _prep_fwd_kernel   parallel over (chunk, head): Qr, Ov, M, C, exp(gC) (float32, to memory); Ti for the backward
+    _prep_fwd_kernel   parallel over (chunk, head): Qr, Ov, M, C, exp(gC) to memory; Ti for the backward
     _state_fwd_kernel  sequential over chunks per (sequence, head, V-block): o = Qr S + Ov, S' = exp(gC) S + M S + C;
                        for the backward it also stores each chunk's start state S
 Backward (G: the gradient of a chunk's end state), three launches:
     _state_bwd_kernel  sequential in reverse per (sequence, head, V-block): stores G, then
                        G <- exp(gC) G + M^T G + Qr^T do   (the start state's gradient)
     _grad_sa_kernel    parallel over (chunk, head): from S, G and Ti, sa = Ti (ad S + A_ak v), its gradient's
-                       dU = Ti^T (be G + A_rb^T do) and dv; sa and dU to memory (float32, [chunks, H, BT, V])
+                       dU = Ti^T (be G + A_rb^T do) and dv; sa and dU to memory ([chunks, H, BT, V])
     _grad_kernel       parallel over (chunk, head): from S, G, sa and dU, the gradients of r, w, k, a, b (dw from
                        reverse cumulative sums of the log-decay gradients)
     (two kernels rather than one: the single kernel took 8 warps of 255 registers, one program per SM; each half
     runs as 4 warps, two programs per SM, and the pair took 4.1 ms where the one took 6.4 (H100, 8, 4096, 32))
 Dots run in tf32 for bf16/fp16 inputs and in 3xTF32 (float32 accuracy on the tensor cores) for float32 inputs;
-accumulation and every stored intermediate are float32.
+accumulation is float32, and so is the state carried through the sequential passes. The intermediates that go
+through memory (Qr, Ov, M, C, the chunks' start states and their gradients, sa, dU) are stored in bf16 for bf16
+inputs and in float32 otherwise: they are most of the memory traffic, and in bf16 the forward takes 25% less time
+and the forward + backward 20% less (H100, 8, 4096, 32). The state's recurrence stays float32, so the rounding
+does not accumulate over chunks: the relative error of the final state after 65536 steps with decays within 1e-5
+of 1 is 2.3e-3 (1.4e-3 all float32). Ti and exp(gC) stay float32.
 """
 
 import torch
@@ -142,14 +147,17 @@ def _prep_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ti_ptr, qr_ptr, o
     Ti = _solve_unit_lower(A_ab, BT, PREC)
     # X = A_rb Ti and Y = be^T Ti first: Qr, Ov, M and C are then one product with ad or v each
     X = tl.dot(A_rb, Ti, input_precision=PREC)
-    tl.store(qr_ptr + p, tl.dot(X, ad, acc=rd, input_precision=PREC), mask=m)
-    tl.store(ov_ptr + pv, tl.dot(tl.dot(X, A_ak, acc=A_rk, input_precision=PREC), v, input_precision=PREC), mask=m)
+    Qr = tl.dot(X, ad, acc=rd, input_precision=PREC)
+    Ov = tl.dot(tl.dot(X, A_ak, acc=A_rk, input_precision=PREC), v, input_precision=PREC)
+    tl.store(qr_ptr + p, Qr.to(qr_ptr.dtype.element_ty), mask=m)
+    tl.store(ov_ptr + pv, Ov.to(ov_ptr.dtype.element_ty), mask=m)
     sh = i_s.to(tl.int64) * H + i_h
     ok = tl.arange(0, K)
     Y = tl.dot(tl.trans(bi * egC[None, :]), Ti, input_precision=PREC)
-    tl.store(m_ptr + sh * K * K + ok[:, None] * K + ok[None, :], tl.dot(Y, ad, input_precision=PREC))
+    M = tl.dot(Y, ad, input_precision=PREC)
+    tl.store(m_ptr + sh * K * K + ok[:, None] * K + ok[None, :], M.to(m_ptr.dtype.element_ty))
     C = tl.dot(tl.dot(Y, A_ak, acc=tl.trans(ki * egC[None, :]), input_precision=PREC), v, input_precision=PREC)
-    tl.store(c_ptr + sh * K * V + ok[:, None] * V + tl.arange(0, V)[None, :], C)
+    tl.store(c_ptr + sh * K * V + ok[:, None] * V + tl.arange(0, V)[None, :], C.to(c_ptr.dtype.element_ty))
     tl.store(egc_ptr + sh * K + ok, egC)
     if STORE_TI:
         tl.store(ti_ptr + sh * BT * BT + ot[:, None] * BT + ot[None, :], Ti)
@@ -176,13 +184,13 @@ def _state_fwd_kernel(qr_ptr, ov_ptr, m_ptr, c_ptr, egc_ptr, h0_ptr, o_ptr, ht_p
         p, m = _rows(bos, i_c * BT, L, i_h, H, K, BT, 0, K)
         pv, _ = _rows(bos, i_c * BT, L, i_h, H, V, BT, col0, BV)
         if SAVE:
-            tl.store(hs_ptr + sh * K * V + p_state, S)
-        o = tl.dot(tl.load(qr_ptr + p, mask=m, other=0.0), S, input_precision=PREC)
-        o += tl.load(ov_ptr + pv, mask=m, other=0.0)
+            tl.store(hs_ptr + sh * K * V + p_state, S.to(hs_ptr.dtype.element_ty))
+        o = tl.dot(tl.load(qr_ptr + p, mask=m, other=0.0).to(tl.float32), S, input_precision=PREC)
+        o += tl.load(ov_ptr + pv, mask=m, other=0.0).to(tl.float32)
         tl.store(o_ptr + pv, o.to(o_ptr.dtype.element_ty), mask=m)
-        M = tl.load(m_ptr + sh * K * K + ok[:, None] * K + ok[None, :])
+        M = tl.load(m_ptr + sh * K * K + ok[:, None] * K + ok[None, :]).to(tl.float32)
         S = tl.load(egc_ptr + sh * K + ok)[:, None] * S + tl.dot(M, S, input_precision=PREC)
-        S += tl.load(c_ptr + sh * K * V + p_state)
+        S += tl.load(c_ptr + sh * K * V + p_state).to(tl.float32)
     if STORE_FINAL:
         tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_state, S)
 
@@ -208,11 +216,12 @@ def _state_bwd_kernel(qr_ptr, m_ptr, egc_ptr, do_ptr, dht_ptr, dhs_ptr, dh0_ptr,
         sh = (c0 + i_c) * H + i_h
         p, m = _rows(bos, i_c * BT, L, i_h, H, K, BT, 0, K)
         pv, _ = _rows(bos, i_c * BT, L, i_h, H, V, BT, col0, BV)
-        tl.store(dhs_ptr + sh * K * V + p_state, G)
-        M_t = tl.load(m_ptr + sh * K * K + ok[None, :] * K + ok[:, None])  # M^T
+        tl.store(dhs_ptr + sh * K * V + p_state, G.to(dhs_ptr.dtype.element_ty))
+        M_t = tl.load(m_ptr + sh * K * K + ok[None, :] * K + ok[:, None]).to(tl.float32)  # M^T
         G_start = tl.load(egc_ptr + sh * K + ok)[:, None] * G + tl.dot(M_t, G, input_precision=PREC)
         do = tl.load(do_ptr + pv, mask=m, other=0.0).to(tl.float32)
-        G = tl.dot(tl.trans(tl.load(qr_ptr + p, mask=m, other=0.0)), do, acc=G_start, input_precision=PREC)
+        Qr = tl.load(qr_ptr + p, mask=m, other=0.0).to(tl.float32)
+        G = tl.dot(tl.trans(Qr), do, acc=G_start, input_precision=PREC)
     if STORE_DH0:
         tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + p_state, G)
 
@@ -242,8 +251,8 @@ def _grad_sa_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ti_ptr, hs
     v = tl.load(v_ptr + pv, mask=m, other=0.0).to(tl.float32)
     do = tl.load(do_ptr + pv, mask=m, other=0.0).to(tl.float32)
     p_state = sh * K * V + tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
-    S = tl.load(hs_ptr + p_state)
-    G = tl.load(dhs_ptr + p_state)
+    S = tl.load(hs_ptr + p_state).to(tl.float32)
+    G = tl.load(dhs_ptr + p_state).to(tl.float32)
     # S' = exp(gC) S + be^T sa + ke^T v ;  o = rd S + A_rb sa + A_rk v ;  sa = Ti U, U = A_ak v + ad S
     sa = tl.dot(Ti, tl.dot(A_ak, v, acc=tl.dot(ad, S, input_precision=PREC), input_precision=PREC),
                 input_precision=PREC)
@@ -253,8 +262,8 @@ def _grad_sa_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ti_ptr, hs
     dv = tl.dot(tl.trans(A_ak), dU, acc=dv, input_precision=PREC)
     tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m)
     p_chunk = sh * BT * V + ot[:, None] * V + tl.arange(0, V)[None, :]
-    tl.store(sa_ptr + p_chunk, sa)
-    tl.store(du_ptr + p_chunk, dU)
+    tl.store(sa_ptr + p_chunk, sa.to(sa_ptr.dtype.element_ty))
+    tl.store(du_ptr + p_chunk, dU.to(du_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -269,10 +278,13 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, hs_ptr, dhs_p
     ot = tl.arange(0, BT)
     sh = i_s.to(tl.int64) * H + i_h
     p_chunk = sh * BT * V + ot[:, None] * V + tl.arange(0, V)[None, :]
+    # These six stay in the stored dtype: for bf16 inputs the eight products of pairs of them run as bf16 dots
+    # (exact, as the tf32 ones were: every operand is a bf16 number) on half the registers.
+    ST: tl.constexpr = hs_ptr.dtype.element_ty
     sa = tl.load(sa_ptr + p_chunk)
     dU = tl.load(du_ptr + p_chunk)
-    v = tl.load(v_ptr + pv, mask=m, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + pv, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + pv, mask=m, other=0.0).to(ST)
+    do = tl.load(do_ptr + pv, mask=m, other=0.0).to(ST)
     p_state = sh * K * V + tl.arange(0, K)[:, None] * V + tl.arange(0, V)[None, :]
     S = tl.load(hs_ptr + p_state)
     G = tl.load(dhs_ptr + p_state)
@@ -284,7 +296,7 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, hs_ptr, dhs_p
     d_ad = tl.dot(dU, tl.trans(S), input_precision=PREC)
     d_be = tl.dot(sa, tl.trans(G), input_precision=PREC)
     d_ke = tl.dot(v, tl.trans(G), input_precision=PREC)
-    GS = tl.sum(G * S, 1)
+    GS = tl.sum(G.to(tl.float32) * S.to(tl.float32), 1)
     strict = ot[:, None] > ot[None, :]
     lower = ot[:, None] >= ot[None, :]
     dA_rb = tl.where(lower, dA_rb, 0.0)
@@ -319,6 +331,11 @@ def _prec(x):
     return "tf32x3" if x.dtype == torch.float32 else "tf32"
 
 
+def _stored_dtype(x):
+    """dtype of the intermediates that go through memory between launches (Qr, Ov, M, C, chunk states, sa, dU)."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+
 def _chunk_table(cu_seqlens, B, T):
     """(number of chunk slots, chunk table [slots, 2] of (sequence, chunk) pairs, per-sequence first slot).
 
@@ -348,13 +365,14 @@ def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqle
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     slots, chunks, coff = _chunk_table(cu_seqlens, B, T)
     f32 = dict(dtype=torch.float32, device=r.device)
-    Qr = torch.empty(B, T, H, K, **f32)
-    Ov = torch.empty(B, T, H, V, **f32)
-    M = torch.empty(slots, H, K, K, **f32)
-    C = torch.empty(slots, H, K, V, **f32)
+    stored = dict(dtype=_stored_dtype(r), device=r.device)
+    Qr = torch.empty(B, T, H, K, **stored)
+    Ov = torch.empty(B, T, H, V, **stored)
+    M = torch.empty(slots, H, K, K, **stored)
+    C = torch.empty(slots, H, K, V, **stored)
     egC = torch.empty(slots, H, K, **f32)
     Ti = torch.empty(slots, H, BT, BT, **f32) if needs_grad else None
-    hs = torch.empty(slots, H, K, V, **f32) if needs_grad else None
+    hs = torch.empty(slots, H, K, V, **stored) if needs_grad else None
     o = torch.empty_like(v, dtype=r.dtype)
     ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
     meta = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None, PREC=_prec(r))
@@ -394,7 +412,7 @@ class _ChunkWKV7(torch.autograd.Function):
             Qr, M, egC, do, None if dht is None else dht.contiguous(), dhs, dh0, cu_seqlens, coff, T,
             BV=BV, STAGES=stages, USE_DHT=dht is not None, STORE_DH0=ctx.has_h0, num_warps=warps, **meta,
         )
-        sa = torch.empty(slots, H, BT, V, dtype=torch.float32, device=r.device)
+        sa = torch.empty(slots, H, BT, V, dtype=hs.dtype, device=r.device)
         dU = torch.empty_like(sa)
         _grad_sa_kernel[(slots, H)](r, w, k, v, a, b, do, Ti, hs, dhs, dv, sa, dU, cu_seqlens, chunks, T,
                                     num_warps=4, **meta)

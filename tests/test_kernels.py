@@ -37,12 +37,13 @@ def test_kernels_need_triton_3_5():
     assert triton_supported("3.5.0") and triton_supported("3.10.1+git1a2b3c4") and triton_supported("4.0.0")
 
 
-def make_inputs(B, T, H, dtype, seed=0):
-    """r, w, k, v, a, b drawn as RWKV-7 produces them; w float32 (log decay), the rest in `dtype`."""
+def make_inputs(B, T, H, dtype, seed=0, long_memory=False):
+    """r, w, k, v, a, b drawn as RWKV-7 produces them; w float32 (log decay), the rest in `dtype`. long_memory: decays
+    within about 1e-5 of 1, the channels that carry a state over the longest spans."""
     g = torch.Generator().manual_seed(seed)
     n = lambda: torch.randn(B, T, H, K, generator=g)  # noqa: E731
     r, k, v = n() * 0.5, n() * 0.5, torch.randn(B, T, H, V, generator=g)
-    w = -0.6065306597126334 * torch.sigmoid(n() * 2 - 1)
+    w = -0.6065306597126334 * torch.sigmoid(n() * 2 - (12 if long_memory else 1))
     kk = F.normalize(n(), dim=-1)
     a_gate = torch.sigmoid(n())
     a, b = -kk, kk * a_gate
@@ -56,8 +57,8 @@ def rel(x, ref):
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def check_chunk(B, T, H, dtype, with_h0, cu_seqlens=None, grads=True, seed=0):
-    xs = make_inputs(B, T, H, dtype, seed)
+def check_chunk(B, T, H, dtype, with_h0, cu_seqlens=None, grads=True, seed=0, long_memory=False):
+    xs = make_inputs(B, T, H, dtype, seed, long_memory)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     h0 = torch.randn(N, H, K, V, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE) * 0.5 if with_h0 else None
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=DEVICE)
@@ -102,8 +103,10 @@ def test_chunk_single_step(dtype):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="T = 65536 is GPU only: python -m pytest tests/test_kernels.py on a CUDA machine")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bfloat16")])
-def test_chunk_long_sequence(dtype):
-    check_chunk(1, 65536, 1, dtype, with_h0=True, grads=False)  # the float64 autograd reference would be slow
+@pytest.mark.parametrize("long_memory", [False, True], ids=["decay", "long_memory"])
+def test_chunk_long_sequence(dtype, long_memory):
+    # the float64 autograd reference would be slow: outputs and final state only
+    check_chunk(1, 65536, 1, dtype, with_h0=True, grads=False, long_memory=long_memory)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
