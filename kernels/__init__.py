@@ -52,6 +52,11 @@ except ImportError:
     HAS_TRITON = False
 
 
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device, which sizes launch configurations; 1 elsewhere (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _use_kernels(r, v):
     return HAS_TRITON and r.is_cuda and r.shape[-1] == 64 and v.shape[-1] == 64
 
@@ -125,8 +130,7 @@ def fused_time_mix(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a, r
     and 32)."""
     from .time_mix_decode import time_mix_decode_
 
-    sms = torch.cuda.get_device_properties(r.device).multi_processor_count if r.is_cuda else 1  # 1: interpreter
-    if r.shape[0] * r_k.shape[0] > 4 * sms:
+    if r.shape[0] * r_k.shape[0] > 4 * sm_count(r.device):
         w_lora, a_lora, v_lora, g_lora = (
             None if lora is None else (linear_reference(*lora), None, None) for lora in (w_lora, a_lora, v_lora, g_lora)
         )

@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import sm_count
+
 BT = 32  # chunk length
 PREP_MAXNREG = 168  # registers per thread of the preparation kernel: 3 programs per SM (H200: 8% faster than 2)
 
@@ -351,11 +353,10 @@ def _chunk_table(cu_seqlens, B, T):
     return slots, torch.stack((seq, chunk), 1).to(torch.int32).contiguous(), coff
 
 
-def _state_config(n_programs, V):
+def _state_config(n_programs, V, device):
     """(V-block, warps, pipeline stages) of the sequential state kernels: split the state's columns when there are
     fewer (sequence, head) programs than SMs. Measured on an H200 at (B, T, H) = (1, 16384, 32) and (8, 4096, 32)."""
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available() else 1
-    return (16, 2, 3) if n_programs < sms else (V, 4, 2)
+    return (16, 2, 3) if n_programs < sm_count(device) else (V, 4, 2)
 
 
 def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, needs_grad):
@@ -378,7 +379,7 @@ def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqle
     meta = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None, PREC=_prec(r))
     _prep_fwd_kernel[(slots, H)](r, w, k, v, a, b, Ti, Qr, Ov, M, C, egC, cu_seqlens, chunks, T,
                                  STORE_TI=needs_grad, num_warps=4, maxnreg=PREP_MAXNREG, **meta)
-    BV, warps, stages = _state_config(N * H, V)
+    BV, warps, stages = _state_config(N * H, V, r.device)
     _state_fwd_kernel[(V // BV, N * H)](
         Qr, Ov, M, C, egC, initial_state, o, ht, hs, cu_seqlens, coff, T, BV=BV, STAGES=stages,
         USE_H0=initial_state is not None, STORE_FINAL=output_final_state, SAVE=needs_grad, num_warps=warps, **meta,
@@ -407,7 +408,7 @@ class _ChunkWKV7(torch.autograd.Function):
         dh0 = r.new_empty(N, H, K, V, dtype=torch.float32) if ctx.has_h0 else None
         dhs = torch.empty_like(hs)
         meta = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None, PREC=_prec(r))
-        BV, warps, stages = _state_config(N * H, V)
+        BV, warps, stages = _state_config(N * H, V, r.device)
         _state_bwd_kernel[(V // BV, N * H)](
             Qr, M, egC, do, None if dht is None else dht.contiguous(), dhs, dh0, cu_seqlens, coff, T,
             BV=BV, STAGES=stages, USE_DHT=dht is not None, STORE_DH0=ctx.has_h0, num_warps=warps, **meta,
