@@ -17,7 +17,8 @@ Shapes, layouts, dtypes:
 Everything is computed in float32. One program per (row, head) holds that head's 64 x 64 state in registers (the
 GroupNorm and the kk normalisation need the whole head) and computes the head's 64 outputs of each LoRA
 up-projection itself, which saves four launches. For many rows those tiles would be read once per row, so there
-a matmul applies the up-projections beforehand (kernels.fused_time_mix chooses). No host sync and no data-dependent
+one launch of _lora_up_kernel applies every up-projection beforehand, as matrix products over blocks of rows that
+read each weight tile once per block (kernels.fused_time_mix chooses). No host sync and no data-dependent
 allocation, so the call can be captured in a CUDA graph.
 """
 
@@ -53,6 +54,38 @@ def _lora(h_ptr, w, bias, i_b, cols, C: tl.constexpr, D: tl.constexpr, BLOCK_D: 
         h = tl.load(h_ptr + i_b * D + d, mask=d < D, other=0.0).to(tl.float32)
         out = tl.sum(w * h[None, :], 1) + bias
     return out
+
+
+@triton.jit
+def _lora_up_tile(h_ptr, w_ptr, b_ptr, y_ptr, B, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
+                  PDL: tl.constexpr):
+    """One [BLOCK_B, BLOCK_C] tile of a LoRA's outputs y = h W^T + bias (h [B, D], W [C, D], y [B, C])."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    d = tl.arange(0, BLOCK_D)
+    w = tl.load(w_ptr + cols[:, None] * D + d[None, :], mask=(d < D)[None, :], other=0.0)
+    bias = tl.load(b_ptr + cols).to(tl.float32) if HAS_BIAS else tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if PDL:
+        gdc_wait()
+    h = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=(rows < B)[:, None] & (d < D)[None, :], other=0.0)
+    y = tl.dot(h, tl.trans(w), input_precision=PREC) + bias[None, :]
+    tl.store(y_ptr + rows[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=(rows < B)[:, None])
+
+
+@triton.jit
+def _lora_up_kernel(h_ptrs, w_ptrs, b_ptrs, y_ptrs, B, C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
+                    PDL: tl.constexpr):
+    """Every LoRA's up-projection of a decoding step in one launch: grid (row blocks, column blocks, LoRAs); the
+    tuples hold one entry per LoRA."""
+    if PDL:
+        gdc_launch_dependents()
+    i_lora = tl.program_id(2)
+    for i in tl.static_range(len(D)):
+        if i_lora == i:
+            _lora_up_tile(h_ptrs[i], w_ptrs[i], b_ptrs[i], y_ptrs[i], B, C, D[i], BLOCK_D[i], HAS_BIAS[i], BLOCK_B,
+                          BLOCK_C, PREC, PDL)
 
 
 @triton.jit
@@ -164,3 +197,30 @@ def time_mix_decode_(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a,
             launch_pdl=pdl.enabled(r.device),
         )
     return y.view(B, 1, C), (v.view(B, 1, C) if first_layer else v_first), state
+
+
+@torch.no_grad()
+def lora_up(loras):
+    """The LoRAs' outputs h W^T + bias [B, 1, C] (ops_reference.linear_reference), all in one launch.
+
+    loras: (hidden [B, 1, D], up weight [C, D], bias [C] or None) each, or None (layer 0's v LoRA). Returns
+    (output, None, None) for each, or None: time_mix_decode_'s form of a LoRA applied outside."""
+    given = [lora for lora in loras if lora is not None]
+    h0 = given[0][0]
+    B, C = h0.shape[0], given[0][1].shape[0]
+    hs = tuple(h.reshape(B, -1).contiguous() for h, _, _ in given)
+    ws = tuple(up.contiguous() for _, up, _ in given)
+    ys = tuple(torch.empty(B, C, dtype=h0.dtype, device=h0.device) for _ in given)
+    ranks = tuple(up.shape[1] for up in ws)
+    BLOCK_B = min(64, max(16, triton.next_power_of_2(B)))
+    BLOCK_C = 64
+    with torch.cuda.device(h0.device if h0.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
+        _lora_up_kernel[(triton.cdiv(B, BLOCK_B), triton.cdiv(C, BLOCK_C), len(given))](
+            hs, ws, tuple(up if bias is None else bias for _, up, bias in given), ys, B, C=C, D=ranks,
+            BLOCK_D=tuple(max(16, triton.next_power_of_2(d)) for d in ranks),
+            HAS_BIAS=tuple(bias is not None for _, _, bias in given), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
+            PREC="ieee" if h0.dtype == torch.float32 else "tf32", PDL=pdl.enabled(h0.device), num_warps=4,
+            launch_pdl=pdl.enabled(h0.device),
+        )
+    outputs = iter(ys)
+    return [None if lora is None else (next(outputs).view(B, 1, C), None, None) for lora in loras]

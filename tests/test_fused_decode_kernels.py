@@ -20,7 +20,7 @@ from kernels.ops_reference import (  # noqa: E402
     norm_shift_mix_reference,
     time_mix_reference,
 )
-from kernels.time_mix_decode import time_mix_decode_  # noqa: E402
+from kernels.time_mix_decode import lora_up, time_mix_decode_  # noqa: E402
 
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 2e-3}
 
@@ -57,7 +57,7 @@ def rel(x, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("first_layer", [True, False], ids=["layer0", "layer1+"])
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
-@pytest.mark.parametrize("lora_inputs", ["hidden", "outputs"])
+@pytest.mark.parametrize("lora_inputs", ["hidden", "outputs", "lora_up"])
 def test_fused_decode_step_matches_reference(dtype, first_layer, masked, lora_inputs):
     B, H = (3, 2) if DEVICE == "cpu" else (33, 16)
     seed = first_layer + 2 * masked
@@ -76,8 +76,10 @@ def test_fused_decode_step_matches_reference(dtype, first_layer, masked, lora_in
                                      double(v_first), lora_out("g"), *map(double, params), 64e-5, mask, ref_state,
                                      in_place=True)
     before = state.clone()
-    if lora_inputs == "outputs":  # the LoRAs applied outside the kernel (several rows)
+    if lora_inputs == "outputs":  # the LoRAs applied outside the kernel
         loras = {n: None if lora is None else (lora_out(n).to(dtype), None, None) for n, lora in loras.items()}
+    if lora_inputs == "lora_up":  # applied outside by the one-launch kernel, as for many rows
+        loras = dict(zip(loras, lora_up(list(loras.values()))))
     y, returned_v_first, returned = time_mix_decode_(r, k, v, loras["w"], loras["a"], loras["v"], loras["g"], v_first,
                                                      *params, 64e-5, mask, state)
     assert returned is state and y.dtype == dtype and y.shape == (B, 1, H * 64)
@@ -90,6 +92,22 @@ def test_fused_decode_step_matches_reference(dtype, first_layer, masked, lora_in
     assert errors["y"] <= BOUNDS[dtype] and errors["state"] <= BOUNDS[dtype], errors
     if masked:
         torch.testing.assert_close(state[0], before[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lora_up_matches_reference(dtype):
+    """All LoRA up-projections in one launch: each output is its own LoRA's, over more rows than one row block."""
+    B, H = (19, 2) if DEVICE == "cpu" else (100, 32)
+    _, loras, _, _, _ = make_inputs(B, H, dtype, first_layer=True, seed=7)
+    outputs = lora_up(list(loras.values()))
+    for name, lora, out in zip(loras, loras.values(), outputs):
+        if lora is None:
+            assert out is None
+            continue
+        y, none_up, none_bias = out
+        ref = linear_reference(*(None if t is None else t.double() for t in lora))
+        assert none_up is None and none_bias is None and y.dtype == dtype and y.shape == (B, 1, H * 64)
+        assert rel(y, ref) <= BOUNDS[dtype], (name, rel(y, ref))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
