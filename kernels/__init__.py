@@ -8,7 +8,7 @@ which the tests check.
                     (time_mix_sequence.py)
     norm_shift_mix  LayerNorm + token shift + lerps; fused without autograd (norm_shift_mix_fused.py)
     linear          a linear layer with activation and residual; fused for one row (linear_decode.py)
-  and, for a decoding step on CUDA (fused_decoding), in three launches per time mix and two per channel mix:
+  and, for a decoding step on CUDA (fused_decoding; for one row, three launches per time mix and two per channel mix):
     fused_norm_mix_linear   LayerNorm + token shift + lerps + the projections that read them
                             (norm_mix_linear_decode.py; ops_reference.norm_mix_linear_reference)
     fused_time_mix          the time mix from the LoRA hidden activations to o_proj's input (time_mix_decode.py)
