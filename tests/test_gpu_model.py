@@ -45,14 +45,20 @@ def test_gpu_bf16_logits_match_cpu_reference():
         assert rms_rel(mine.cpu(), theirs) <= 2e-2
 
 
+@pytest.mark.parametrize("many_rows", [False, True], ids=["4_rows", "lora_up_rows"])
 @torch.no_grad()
-def test_graphed_decoding_equals_eager_decoding():
+def test_graphed_decoding_equals_eager_decoding(many_rows):
+    """A CUDA graph replays the eager step exactly; with many rows the time mix applies its LoRAs in a launch of
+    their own first (kernels.fused_time_mix), which the graph must hold too."""
     model = make_model(seed=1).to("cuda", torch.bfloat16)
-    prompts = torch.randint(0, 1000, (4, 40), device="cuda")
+    heads = model.config.hidden_size // model.config.head_dim
+    batch = 2 * torch.cuda.get_device_properties(0).multi_processor_count // heads + 1 if many_rows else 4
+    prompts = torch.randint(0, 1000, (batch, 40), device="cuda")
     cache = model(prompts, use_cache=True).past_key_values
     eager_cache = copy.deepcopy(cache)
-    tokens = torch.randint(0, 1000, (4, 1), device="cuda")
-    padded = torch.tensor([[0], [1], [1], [1]], device="cuda")  # row 0 gets a padding token
+    tokens = torch.randint(0, 1000, (batch, 1), device="cuda")
+    padded = torch.ones(batch, 1, dtype=torch.long, device="cuda")
+    padded[0] = 0  # row 0 gets a padding token
     for step in range(6):
         mask = padded if step % 3 == 0 else None  # and the steps after it, without a mask, none
         graphed = model(tokens, attention_mask=mask, past_key_values=cache).logits
@@ -60,7 +66,7 @@ def test_graphed_decoding_equals_eager_decoding():
                                      return_dict=True).logits
         torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
         tokens = graphed[:, -1].argmax(-1, keepdim=True)
-    assert isinstance(model._decode_graphs[4], RWKV7DecodeGraph)
+    assert isinstance(model._decode_graphs[batch], RWKV7DecodeGraph)
     for mine, theirs in zip(cache.wkv + cache.attn_shift, eager_cache.wkv + eager_cache.attn_shift):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
