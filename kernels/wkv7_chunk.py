@@ -39,8 +39,9 @@ Backward (G: the gradient of a chunk's end state), three launches:
                        dU = Ti^T (be G + A_rb^T do) and dv; sa and dU to memory ([chunks, H, BT, V])
     _grad_kernel       parallel over (chunk, head): from S, G, sa and dU, the gradients of r, w, k, a, b (dw from
                        reverse cumulative sums of the log-decay gradients)
-    (two kernels rather than one: the single kernel took 8 warps of 255 registers, one program per SM; each half
-    runs as 4 warps, two programs per SM, and the pair took 4.1 ms where the one took 6.4 (H100, 8, 4096, 32))
+    (two kernels rather than one: the single kernel took 8 warps of 255 registers, one program per SM; each half fits
+    two programs of 4 warps per SM, and the pair took 4.1 ms where the one took 6.4 (H100, 8, 4096, 32, float32
+    intermediates); _grad_sa_kernel now runs four programs of 2 warps for 16-bit inputs: GRAD_SA_WARPS)
 Dots run in tf32 for bf16/fp16 inputs and in 3xTF32 (float32 accuracy on the tensor cores) for float32 inputs;
 accumulation is float32, and so is the state carried through the sequential passes. The intermediates that go
 through memory (Qr, Ov, M, C, the chunks' start states and their gradients, sa, dU) are stored in bf16 for bf16
@@ -58,6 +59,10 @@ from . import sm_count
 
 BT = 32  # chunk length
 PREP_MAXNREG = 168  # registers per thread of the preparation kernel: 3 programs per SM (H200: 8% faster than 2)
+# _grad_sa_kernel's warps, by input dtype. For 16-bit inputs 2, four programs per SM: it spills more than as 4 warps,
+# two per SM, and takes 1.00 ms instead of 1.30 (H100, bf16, 8, 4096, 32; 3 programs of 4 warps under 168 registers:
+# 1.11). Float32 inputs (3xTF32 dots) would spill 29 KB a thread as 2 warps.
+GRAD_SA_WARPS = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 
 
 @triton.jit
@@ -427,7 +432,7 @@ class _ChunkWKV7(torch.autograd.Function):
         sa = torch.empty(slots, H, BT, V, dtype=hs.dtype, device=r.device)
         dU = torch.empty_like(sa)
         _grad_sa_kernel[(slots, H)](r, w, k, v, a, b, do, Ti, hs, dhs, dv, sa, dU, cu_seqlens, chunks, T,
-                                    num_warps=4, **meta)
+                                    num_warps=GRAD_SA_WARPS[r.dtype], **meta)
         _grad_kernel[(slots, H)](r, w, k, v, a, b, do, hs, dhs, sa, dU, dr, dw, dk, da, db, cu_seqlens, chunks, T,
                                  num_warps=4, **meta)
         return dr, dw, dk, dv, da, db, dh0, None, None
