@@ -41,7 +41,7 @@ Backward (G: the gradient of a chunk's end state), three launches:
                        reverse cumulative sums of the log-decay gradients)
     (two kernels rather than one: the single kernel took 8 warps of 255 registers, one program per SM; each half fits
     two programs of 4 warps per SM, and the pair took 4.1 ms where the one took 6.4 (H100, 8, 4096, 32, float32
-    intermediates); _grad_sa_kernel now runs four programs of 2 warps for 16-bit inputs: GRAD_SA_WARPS)
+    intermediates); for 16-bit inputs _grad_sa_kernel runs as four programs of 2 warps per SM: GRAD_SA_WARPS)
 Dots run in tf32 for bf16/fp16 inputs and in 3xTF32 (float32 accuracy on the tensor cores) for float32 inputs;
 accumulation is float32, and so is the state carried through the sequential passes. The intermediates that go
 through memory (Qr, Ov, M, C, the chunks' start states and their gradients, sa, dU) are stored in bf16 for bf16
@@ -61,7 +61,8 @@ BT = 32  # chunk length
 PREP_MAXNREG = 168  # registers per thread of the preparation kernel: 3 programs per SM (H200: 8% faster than 2)
 # _grad_sa_kernel's warps, by input dtype. For 16-bit inputs 2, four programs per SM: it spills more than as 4 warps,
 # two per SM, and takes 1.00 ms instead of 1.30 (H100, bf16, 8, 4096, 32; 3 programs of 4 warps under 168 registers:
-# 1.11). Float32 inputs (3xTF32 dots) would spill 29 KB a thread as 2 warps.
+# 1.11; fp16, with float32 intermediates, spills less than bf16 as 2 warps). Float32 inputs (3xTF32 dots) would spill
+# 29 KB a thread as 2 warps.
 GRAD_SA_WARPS = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 
 
@@ -323,8 +324,9 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, hs_ptr, dhs_p
     d_ad = tl.dot(dA_ak, ki, acc=tl.dot(dA_ab, bi, acc=d_ad, input_precision=PREC), input_precision=PREC)
     d_bi = tl.dot(tl.trans(dA_ab), ad, input_precision=PREC) + tl.dot(tl.trans(dA_rb), rd, input_precision=PREC)
     d_ki = tl.dot(tl.trans(dA_ak), ad, input_precision=PREC) + tl.dot(tl.trans(dA_rk), rd, input_precision=PREC)
-    # Last, while sa, v and G wait in bf16 (fewer registers than these two float32 products: the kernel spills 680
-    # bytes a thread instead of 1012, and takes 2.08 ms instead of 2.31 on an H100 at (8, 4096, 32)).
+    # Last, while sa, v and G wait in bf16 (fewer registers than these two float32 products). This order and the
+    # epilogue below took the kernel's spills from 1012 to 680 bytes a thread and its time from 2.31 to 2.08 ms (H100,
+    # bf16, 8, 4096, 32).
     d_be = tl.dot(sa, tl.trans(G), input_precision=PREC)
     d_ke = tl.dot(v, tl.trans(G), input_precision=PREC)
     # The gradients of r, a, b, k, then those of the log decays through them (d_rd * rd = dr * r, d_ad * ad = da * a,
