@@ -8,7 +8,10 @@ fused_mul_recurrent_rwkv7: ours is the model's whole fused time mix of one token
 state updated in place), which beyond fla's WKV step also computes the LoRA up-projections, the decay, the kk
 normalisation and the k update, the per-head GroupNorm, the bonus and the gate. fla's inputs are computed from
 ours, so both WKV steps see the same r, w, k, v, kk, a, and "max rel diff vs fla" compares the updated states. A
-second decode row times fla's kernel together with the PyTorch ops its layer runs for the same work.
+second decode row times fla's kernel together with the PyTorch ops its layer runs for the same work. fla's
+decoding kernel autotunes on the head size alone, so by default the batch size of its first call picks the
+configuration for every batch size (at batch 256 we saw 95 to 224 us, depending on that first call); here it is tuned
+anew for each batch size timed (its chosen configuration is printed).
 Times are triton.testing.do_bench medians
 (decode: replays of a CUDA graph, as the model runs it, and plain launches). Peak memory is the most allocated
 during one call beyond the inputs; the floor time is (bytes of inputs + outputs) / measured copy bandwidth.
@@ -137,8 +140,14 @@ def decode_inputs(B, H):
 def bench_decode(B, H):
     """Our fused time mix of one token against fla's WKV step alone, and against fla's WKV step plus the LoRA
     up-projections, decay, kk, GroupNorm, bonus and gate that fla's layer runs in PyTorch around it."""
+    from triton.runtime.autotuner import Autotuner
+    import fla.ops.rwkv7.fused_recurrent as fla_recurrent
     from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7
 
+    tuner = fla_recurrent.fused_recurrent_rwkv7_fwd_kernel
+    while not isinstance(tuner, Autotuner):
+        tuner = tuner.fn
+    tuner.cache.clear()  # tune again for this batch size (main() turns off fla's on-disk record of tunings)
     ours_args, rest = decode_inputs(B, H)
     fla_args = rest()
     state = torch.randn(B, H, K, K, device="cuda") * 0.3
@@ -160,7 +169,7 @@ def bench_decode(B, H):
         "fla": lambda: fused_mul_recurrent_rwkv7(*fla_args, initial_state=s_fla, output_final_state=True),
         "fla_whole": fla_whole,
     }
-    row = {"err_vs_fla": err}
+    row = {"err_vs_fla": err, "fla_config": next(iter(tuner.cache.values()))}
     for name, f in fns.items():
         f()
         row[name + "_launch"] = triton.testing.do_bench(f, return_mode="median")
@@ -204,6 +213,7 @@ def cold_start(which):
 
 
 def main(parts):
+    os.environ["FLA_CACHE_RESULTS"] = "0"  # fla would otherwise reuse tunings recorded on disk by earlier runs
     import fla as fla_pkg
 
     bw = copy_bandwidth()
@@ -230,6 +240,7 @@ def main(parts):
         print(f"| decode, fla kernel + its layer's ops for the same work (graph) | {B}, 1, 32 | {r['ours']:.4f} | "
               f"{r['fla_whole']:.4f} | {r['ours'] / r['fla_whole']:.2f} | | {floor:.4f} | | "
               f"{r['fla_whole_mem']:.1f} | |", flush=True)
+        print(f"| | fla's configuration at batch {B}: {r['fla_config']} | | | | | | | | |", flush=True)
     cold_ones = [which for which in ("ours", "fla") if "cold" in parts or f"cold-{which}" in parts]
     if not cold_ones:
         return

@@ -117,7 +117,10 @@ def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, a
     if PDL:
         gdc_wait()
     p_s = s_ptr + (i_b * H + i_h) * N * N + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
-    h = tl.load(p_s)  # state [K, V]
+    # nothing reads the state again before the next step, so it is loaded and stored with streaming cache hints
+    # (H100, 0.4B ranks, CUDA graphs: 110 -> 105 us at 256 rows and 32 heads, 11.2 -> 10.9 us at 32 rows, the
+    # same at one row)
+    h = tl.load(p_s, eviction_policy="evict_first")  # state [K, V]
     r = tl.load(r_ptr + row).to(tl.float32)
     k = tl.load(k_ptr + row).to(tl.float32)
     v = tl.load(v_ptr + row).to(tl.float32)
@@ -143,7 +146,7 @@ def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, a
     # h = diag(decay) h + (kk * a) (-kk^T h) + k v^T ; o = h^T r
     sa = tl.sum(-kk[:, None] * h, 0)
     h = h * decay[:, None] + (kk * a)[:, None] * sa[None, :] + k[:, None] * v[None, :]
-    tl.store(p_s, h)
+    tl.store(p_s, h, cache_modifier=".cs")
     o = tl.sum(r[:, None] * h, 0)
 
     mean = tl.sum(o, 0) / N
