@@ -30,7 +30,7 @@ class RWKV7Config(PretrainedConfig):
     """
 
     model_type = "rwkv7"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache's names before and from transformers 5.24
 
     def __init__(
         self,

@@ -8,17 +8,19 @@ flash-linear-attention's, so fla-hub safetensors load as they are. Per layer, in
     x = x + ffn(ffn_norm(x))                         channel mix: token shift, relu(.)^2
     logits = lm_head(norm(x))                        head not tied to the embeddings
 
-The recurrence and the elementwise ops live in the `kernels/` folder beside this file: Triton on CUDA, plain
+The recurrence and the elementwise ops live in the `rwkv7_kernels/` folder beside this file: Triton on CUDA, plain
 PyTorch elsewhere (see `load_kernels` for how this file finds that folder).
 """
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import re
 import shutil
 import sys
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,13 +33,54 @@ from transformers.utils import logging
 
 try:  # as remote code, transformers imports this file inside a package
     from .configuration_rwkv7 import RWKV7Config
-except ImportError:  # imported straight from a source checkout
-    from configuration_rwkv7 import RWKV7Config
+except ImportError:  # imported straight from a source checkout, whose folder is on sys.path
+    # not an import statement: transformers 4.48's scanner of remote code would count one here as a required package
+    RWKV7Config = importlib.import_module("configuration_rwkv7").RWKV7Config
 
 
 logger = logging.get_logger(__name__)
 
-# The bundled kernels/ package, imported by load_kernels() when the first model is built.
+# Weights of the official DeepEmbed variant (rwkv7a), which this package does not implement: refused by name.
+DEEP_EMBED_KEY = re.compile(r"\.ffn\.(s_emb|s_emb_x|s0|s1|s2)(\.|$)")
+
+# transformers 5.24 renamed the cache's keyword argument and output field from `past_key_values` to `cache` and
+# warns about the old name. The model takes the cache under either name on every version and returns it under the
+# installed version's name; RWKV7ModelOutput and RWKV7CausalLMOutput also read it as `.cache` before 5.24.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _check_not_empty(inputs):
+    """A clear error for input_ids [B, 0] (or inputs_embeds [B, 0, C]): there is no token to compute logits for."""
+    if inputs.dim() >= 2 and inputs.shape[1] == 0:
+        raise ValueError(f"the input is empty (shape {tuple(inputs.shape[:2])}): pass at least one token per row")
+
+
+def _one_cache(cache, past_key_values):
+    """The cache given under either of its names (see CACHE_NAME), checked; None if none was given."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("two different caches were given, as `cache` and as `past_key_values`: pass one")
+    cache = past_key_values if cache is None else cache
+    if cache is not None and not isinstance(cache, RWKV7Cache):
+        raise TypeError(f"the cache must be an RWKV7Cache (returned by this model), got {type(cache).__name__}")
+    return cache
+
+
+@dataclass
+class RWKV7ModelOutput(BaseModelOutputWithPast):
+    """transformers' BaseModelOutputWithPast, whose cache reads as `.cache` on every transformers version."""
+
+    if CACHE_NAME != "cache":
+        cache = property(lambda self: self.past_key_values)
+
+
+@dataclass
+class RWKV7CausalLMOutput(CausalLMOutputWithPast):
+    """transformers' CausalLMOutputWithPast, whose cache reads as `.cache` on every transformers version."""
+
+    if CACHE_NAME != "cache":
+        cache = property(lambda self: self.past_key_values)
+
+# The bundled rwkv7_kernels/ package, imported by load_kernels() when the first model is built.
 kernels = None
 
 
@@ -64,7 +107,7 @@ def _commit_of_this_file():
 
 
 def load_kernels(config=None):
-    """Imports the `kernels/` package that ships with this file and binds it to this module's `kernels` name.
+    """Imports the `rwkv7_kernels/` package that ships with this file and binds it to this module's `kernels` name.
 
     transformers' remote-code loader copies only the flat .py files of a model repo into its module cache, so a
     package import would fail there. The folder is found on disk instead, in this order:
@@ -77,19 +120,19 @@ def load_kernels(config=None):
     global kernels
     if kernels is not None:
         return kernels
-    folder = Path(__file__).resolve().parent / "kernels"
+    folder = Path(__file__).resolve().parent / "rwkv7_kernels"
     if not (folder / "__init__.py").is_file():
         name_or_path = getattr(config, "name_or_path", "") or ""
         if not name_or_path:
             raise ImportError(
-                "modeling_rwkv7.py cannot find its kernels/ folder: it is not next to this file and the config does "
+                "modeling_rwkv7.py cannot find its rwkv7_kernels/ folder: it is not next to this file and the config does "
                 "not say where the model came from. Load the model with from_pretrained(path_or_repo_id, "
-                "trust_remote_code=True), or keep kernels/ next to modeling_rwkv7.py."
+                "trust_remote_code=True), or keep rwkv7_kernels/ next to modeling_rwkv7.py."
             )
-        folder = _repo_folder(name_or_path, _commit_of_this_file(), ["kernels/*.py"]) / "kernels"
+        folder = _repo_folder(name_or_path, _commit_of_this_file(), ["rwkv7_kernels/*.py"]) / "rwkv7_kernels"
         if not (folder / "__init__.py").is_file():
             raise ImportError(
-                f"{name_or_path} has no kernels/ folder next to modeling_rwkv7.py (looked in {folder.parent}). "
+                f"{name_or_path} has no rwkv7_kernels/ folder next to modeling_rwkv7.py (looked in {folder.parent}). "
                 "Upload the whole RWKV-7 code package (upload_to_hub.py update-code) to that repo."
             )
     module_name = "rwkv7_kernels_" + hashlib.sha1(str(folder).encode()).hexdigest()[:16]
@@ -138,6 +181,12 @@ class RWKV7Cache(Cache):
     @property
     def batch_size(self):
         return self.wkv[0].shape[0] if self.wkv else 0
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Every layer's state is a linear-attention state (transformers 5.24's generate asks: it then does not
+        look for already cached positions of the input)."""
+        return [True] * len(self)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Always 0. `generate` asks how many of the given tokens the cache already holds, to skip them; an RWKV
@@ -297,7 +346,7 @@ class RWKV7TimeMix(nn.Module):
         hidden = dict(zip(loras, hidden))  # "w" -> tanh(x_w W1), ...
 
         # the LoRA up-projections, the decay, kk, the k update, the v_first mix, WKV-7, GroupNorm, the bonus and
-        # the gate: see kernels/ops_reference.py (time_mix_reference)
+        # the gate: see rwkv7_kernels/ops_reference.py (time_mix_reference)
         params = (self.k_k, self.k_a, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps)
         ups = {name: lora.up for name, (_, lora) in loras.items()}
         if (
@@ -373,9 +422,12 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RWKV7Block"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _is_stateful = True  # generate: the state cannot be rewound, so assisted decoding is refused
-    _supports_cache_class = True  # transformers 4.4x: generate accepts an RWKV7Cache as past_key_values
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    # generate refuses assisted decoding, which would need the state rewound to drop rejected tokens: transformers
+    # before 5.25 for a model that is stateful, from 5.25 on for a mode this list does not name
+    _is_stateful = True
+    _supported_generation_modes = ["greedy_search", "sample", "beam_search", "beam_sample"]
+    _supports_cache_class = True  # transformers 4.4x: generate accepts an RWKV7Cache as its cache
 
     @classmethod
     def _supports_default_dynamic_cache(cls):
@@ -428,19 +480,46 @@ class RWKV7PreTrainedModel(PreTrainedModel):
         for remote code in every version. Official variants this package does not implement are refused.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         # transformers' own report of missing and unexpected weights would call unpacked x_x mixes "newly
         # initialized"; it is dropped, since every real mismatch raises below
         loading_logger = logging.get_logger("transformers.modeling_utils")
         loading_logger.addFilter(_drop_loading_report)
         try:
+            # weights of the wrong shape are reported in `info` (and raise below) rather than by transformers, whose
+            # message points at the report dropped here
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
         finally:
             loading_logger.removeFilter(_drop_loading_report)
         missing, unexpected = set(info["missing_keys"]), set(info["unexpected_keys"])
+        # transformers' entries are names (4.57) or (name, checkpoint shape, model shape) (4.48, 5.x)
+        mismatched = sorted(entry if isinstance(entry, str) else entry[0] for entry in info.get("mismatched_keys", ()))
+        folder = None
 
-        deep_embed = sorted(k for k in unexpected if re.search(r"\.ffn\.(s_emb|s_emb_x|s0|s1|s2)(\.|$)", k))
+        def checkpoint_folder():
+            return _repo_folder(
+                pretrained_model_name_or_path, kwargs.get("revision"), ["*.safetensors", "*.bin"], kwargs.get("cache_dir")
+            )
+
+        if mismatched and not ignore_mismatched_sizes:
+            folder = checkpoint_folder()
+            stored, expected = _checkpoint_shapes(folder), model.state_dict()
+            prefix = model.base_model_prefix + "."
+            shapes = [
+                f"{name} is {stored.get(name) or stored.get(prefix + name) or stored.get(name.removeprefix(prefix))} "
+                f"in the checkpoint and {list(expected[name].shape)} in the model"
+                for name in mismatched
+            ]
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: weights of the wrong shape for its config.json: {'; '.join(shapes)}. "
+                "Check that config.json describes the checkpoint (vocab_size, hidden_size, head_dim, the LoRA ranks)."
+            )
+        if model.base_model is model:  # a base model from a checkpoint with a head: the head is not loaded
+            unexpected = {k for k in unexpected if not k.startswith("lm_head.")}
+
+        deep_embed = sorted(k for k in unexpected if DEEP_EMBED_KEY.search(k))
         if deep_embed:
             raise ValueError(
                 f"{pretrained_model_name_or_path} is an RWKV-7 DeepEmbed variant ({', '.join(deep_embed[:4])}, ...), "
@@ -449,13 +528,9 @@ class RWKV7PreTrainedModel(PreTrainedModel):
         packed = {k for k in unexpected if k.endswith("attn.x_x")}
         if packed:
             # transformers initialised the modules whose x_* it could not find (overwriting some loaded neighbours),
-            # so load the whole checkpoint again, unpacked, strictly.
-            folder = _repo_folder(
-                pretrained_model_name_or_path, kwargs.get("revision"), ["*.safetensors", "*.bin"], kwargs.get("cache_dir")
-            )
-            model.load_state_dict(_read_unpacked_checkpoint(model, folder), strict=True)
-            missing = {k for k in missing if not re.search(r"attn\.x_[rwkvag]$", k)}
-            unexpected -= packed
+            # so load the whole checkpoint again, unpacked
+            result = model.load_state_dict(_read_unpacked_checkpoint(model, folder or checkpoint_folder()), strict=False)
+            missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
         if missing or unexpected:
             raise ValueError(
                 f"{pretrained_model_name_or_path} does not match the RWKV-7 layout this code expects. "
@@ -466,7 +541,7 @@ class RWKV7PreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves as transformers does, with this code: the .py files, `auto_map` and the kernels/ folder, so the saved
+        """Saves as transformers does, with this code: the .py files, `auto_map` and the rwkv7_kernels/ folder, so the saved
         folder loads with `trust_remote_code=True` (also for a model built from this source checkout)."""
         if self._auto_class is None:  # transformers registers remote-code classes itself only from 4.50 on
             self.register_for_auto_class("AutoModelForCausalLM" if isinstance(self, GenerationMixin) else "AutoModel")
@@ -474,7 +549,7 @@ class RWKV7PreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         shutil.copytree(
             Path(kernels.__file__).parent,
-            Path(save_directory) / "kernels",
+            Path(save_directory) / "rwkv7_kernels",
             ignore=shutil.ignore_patterns("__pycache__"),
             dirs_exist_ok=True,
         )
@@ -484,6 +559,18 @@ def _drop_loading_report(record):
     """A logging filter: False for transformers' report of missing / unexpected weights (4.x and 5.x wording)."""
     message = record.getMessage()
     return not any(m in message for m in ("LOAD REPORT", "newly initialized", "were not used when initializing"))
+
+
+def _checkpoint_shapes(folder):
+    """{name: [shape]} of the weights stored in `folder` (safetensors or PyTorch .bin files), read without loading
+    the safetensors data."""
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
+    for path in sorted(folder.glob("*.bin")):
+        shapes.update({k: list(v.shape) for k, v in torch.load(path, map_location="meta", weights_only=True).items()})
+    return shapes
 
 
 def _read_unpacked_checkpoint(model, folder):
@@ -498,8 +585,9 @@ def _read_unpacked_checkpoint(model, folder):
     for key in [k for k in state if k.endswith("attn.x_x")]:
         for row, name in zip(state.pop(key).reshape(6, 1, 1, -1), ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")):
             state[key.removesuffix("x_x") + name] = row
-    if model.base_model is model:  # RWKV7Model: the files name its weights with the "model." prefix
-        state = {k.removeprefix(model.base_model_prefix + "."): v for k, v in state.items()}
+    if model.base_model is model:  # RWKV7Model: the files name its weights with the "model." prefix, and no head
+        prefix = model.base_model_prefix + "."
+        state = {k.removeprefix(prefix): v for k, v in state.items() if not k.startswith("lm_head.")}
     return state
 
 
@@ -523,15 +611,17 @@ class RWKV7Model(RWKV7PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: RWKV7Cache | None = None,
+        cache: RWKV7Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: RWKV7Cache | None = None,
         **kwargs,
     ):
         """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask [B, T] or [B, S >= T] (generate passes the
-        mask of the whole sequence so far: its last T columns belong to this call), 1 = token, 0 = padding."""
+        mask of the whole sequence so far: its last T columns belong to this call), 1 = token, 0 = padding.
+        cache (or past_key_values, its name before transformers 5.24): an RWKV7Cache, updated in place."""
         if output_attentions:
             raise ValueError("RWKV-7 has no attention weights to output; call it with output_attentions=False")
         if (input_ids is None) == (inputs_embeds is None):
@@ -544,11 +634,11 @@ class RWKV7Model(RWKV7PreTrainedModel):
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, RWKV7Cache):
-            raise TypeError(f"past_key_values must be an RWKV7Cache (returned by this model), got {type(past_key_values)}")
+        cache = _one_cache(cache, past_key_values)
 
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
+        _check_not_empty(x)
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
                 raise ValueError(f"attention_mask must be [batch, >= {T}] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
@@ -557,7 +647,8 @@ class RWKV7Model(RWKV7PreTrainedModel):
                 # no padding (generate passes a mask even for one prompt): the mask-free sequence path runs fused
                 # kernels. One host sync per prompt; decoding steps (T = 1) keep their mask and need none.
                 attention_mask = None
-        cache = past_key_values if past_key_values is not None else (RWKV7Cache() if use_cache else None)
+        if cache is None and use_cache:
+            cache = RWKV7Cache()
         if cache is not None and len(cache) and B != cache.batch_size and B % cache.batch_size == 0:
             # one state per n rows: branch it, as generate expands the rows (num_return_sequences, beams)
             cache.batch_repeat_interleave(B // cache.batch_size)
@@ -586,8 +677,8 @@ class RWKV7Model(RWKV7PreTrainedModel):
         if cache is not None:
             cache.num_seen_tokens += T
 
-        output = BaseModelOutputWithPast(
-            last_hidden_state=x, past_key_values=cache if use_cache else None, hidden_states=all_hidden_states
+        output = RWKV7ModelOutput(
+            last_hidden_state=x, **{CACHE_NAME: cache if use_cache else None}, hidden_states=all_hidden_states
         )
         return output if return_dict else output.to_tuple()
 
@@ -625,7 +716,7 @@ class RWKV7DecodeGraph:
 
         def step():
             return model._forward_eager(
-                input_ids=self.input_ids, attention_mask=self.attention_mask, past_key_values=self.cache,
+                input_ids=self.input_ids, attention_mask=self.attention_mask, cache=self.cache,
                 use_cache=True, return_dict=True,
             ).logits
 
@@ -698,29 +789,32 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: RWKV7Cache | None = None,
+        cache: RWKV7Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: RWKV7Cache | None = None,
         **kwargs,
     ):
         """labels [B, T]: the loss is next-token cross entropy, shifted inside; label -100 is ignored.
         logits_to_keep: compute logits for the last n positions only (0: all).
+        cache (or past_key_values, its name before transformers 5.24): an RWKV7Cache, updated in place.
 
         On CUDA, a decoding step (one token per row, a cache that has seen the prompt, no autograd, nothing but
         logits asked for) replays a CUDA graph of the step (RWKV7DecodeGraph): same results, far fewer launches.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache = _one_cache(cache, past_key_values)
         if (
             input_ids is not None
             and input_ids.shape[1] == 1
             and input_ids.is_cuda
-            and isinstance(past_key_values, RWKV7Cache)
-            and len(past_key_values) == self.config.num_hidden_layers
-            and past_key_values.batch_size == input_ids.shape[0]
+            and cache is not None
+            and len(cache) == self.config.num_hidden_layers
+            and cache.batch_size == input_ids.shape[0]
             and use_cache is not False
             and labels is None
             and not output_hidden_states
@@ -728,14 +822,14 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
             and not torch.cuda.is_current_stream_capturing()
             and self._decode_graphs_enabled()
         ):
-            logits = self._decode_graph(input_ids.shape[0])(input_ids, attention_mask, past_key_values)
-            output = CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+            logits = self._decode_graph(input_ids.shape[0])(input_ids, attention_mask, cache)
+            output = RWKV7CausalLMOutput(logits=logits, **{CACHE_NAME: cache})
             return output if return_dict else output.to_tuple()
         return self._forward_eager(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache,
             labels=labels,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -750,7 +844,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         inputs_embeds=None,
-        past_key_values=None,
+        cache=None,
         labels=None,
         use_cache=None,
         output_hidden_states=None,
@@ -763,7 +857,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
@@ -774,8 +868,8 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        output = RWKV7CausalLMOutput(
+            loss=loss, logits=logits, **{CACHE_NAME: outputs.cache}, hidden_states=outputs.hidden_states
         )
         return output if return_dict else output.to_tuple()
 
@@ -802,31 +896,45 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids,
-        past_key_values=None,
+        cache=None,
         attention_mask=None,
         inputs_embeds=None,
         cache_position=None,
         next_sequence_length=None,
         is_first_iteration=None,
+        past_key_values=None,
         **kwargs,
     ):
         """What each step of `generate` feeds the model: the whole prompt first, then only the new token(s).
 
         The prompt is everything generate was given (with a cache: the tokens that follow the cached state).
         transformers 5 marks the first step with `is_first_iteration` and later ones with `next_sequence_length`;
-        4.x passes `cache_position`, which starts at 0 on the first step.
+        4.x passes `cache_position`, which starts at 0 on the first step. The cache comes as `cache` from 5.24 on,
+        as `past_key_values` before, and goes to the model under the same name.
         """
+        cache = _one_cache(cache, past_key_values)
         if cache_position is not None:
             first_step = int(cache_position[0]) == 0
         else:
             first_step = bool(is_first_iteration) or next_sequence_length is None
-        model_inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask}
+        model_inputs = {CACHE_NAME: cache, "attention_mask": attention_mask}
         if inputs_embeds is not None and first_step:
             model_inputs["inputs_embeds"] = inputs_embeds
-        elif past_key_values is None or first_step:
+        elif cache is None or first_step:
             model_inputs["input_ids"] = input_ids
         else:
             model_inputs["input_ids"] = input_ids[:, -(next_sequence_length or 1) :]
         kwargs.pop("position_ids", None)
         model_inputs.update(kwargs)
         return model_inputs
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`. A cache to continue from may be passed as `cache` or as `past_key_values` with
+        every transformers version (see CACHE_NAME); it is handed on under the installed version's name."""
+        inputs = args[0] if args else next((kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds") if k in kwargs), None)
+        if isinstance(inputs, torch.Tensor):
+            _check_not_empty(inputs)
+        other_name = "past_key_values" if CACHE_NAME == "cache" else "cache"
+        if other_name in kwargs:
+            kwargs[CACHE_NAME] = _one_cache(kwargs.get(CACHE_NAME), kwargs.pop(other_name))
+        return super().generate(*args, **kwargs)

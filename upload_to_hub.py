@@ -50,12 +50,12 @@ from configuration_rwkv7 import RWKV7Config
 REPO = Path(__file__).resolve().parent
 
 # The package's files, by name: the only files `push` and `update-code` ever upload (besides config.json, the
-# weights and an optional model card), and the files tests copy next to a model. kernels/ is the package's own
+# weights and an optional model card), and the files tests copy next to a model. rwkv7_kernels/ is the package's own
 # folder, so every .py file in it belongs to the package.
 MODEL_CODE_FILES = (
     "configuration_rwkv7.py",
     "modeling_rwkv7.py",
-    *sorted(f"kernels/{path.name}" for path in (REPO / "kernels").glob("*.py")),
+    *sorted(f"rwkv7_kernels/{path.name}" for path in (REPO / "rwkv7_kernels").glob("*.py")),
 )
 TOKENIZER_CODE_FILES = ("tokenization_rwkv7.py",)
 CODE_FILES = MODEL_CODE_FILES + TOKENIZER_CODE_FILES
@@ -69,6 +69,9 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pth")
 # Tokenizer code that earlier uploads of World models shipped and tokenization_rwkv7.py replaces.
 LEGACY_TOKENIZER_CODE_FILES = ("hf_rwkv_tokenizer.py",)
+# The package's kernel folder, and its name in earlier uploads (renamed: a kernels/ folder on sys.path shadows the
+# `kernels` package that transformers 5.25 imports); update-code deletes files there that the checkout lacks.
+KERNEL_FOLDERS = ("rwkv7_kernels/", "kernels/")
 
 AUTO_MAP = {
     "AutoConfig": "configuration_rwkv7.RWKV7Config",
@@ -604,7 +607,7 @@ def plan_update(folder) -> list:
     """Commit operations that bring a repo, given as a local snapshot of its non-weight files, to this checkout's
     code. Pure: reads `folder`, writes nothing. Empty when the repo is up to date.
 
-    - the model code (configuration_rwkv7.py, modeling_rwkv7.py, kernels/*.py) becomes this checkout's, which
+    - the model code (configuration_rwkv7.py, modeling_rwkv7.py, rwkv7_kernels/*.py) becomes this checkout's, which
       also replaces the fla shims of older uploads (a modeling_rwkv7.py that imports `fla`);
     - config.json gets this package's auto_map (and architectures when it has none); every other key stays, as
       the configuration reads fla's keys as they are. Weights are not touched: packed `attn.x_x` tensors of older
@@ -614,8 +617,8 @@ def plan_update(folder) -> list:
       an older tokenizer_config's special tokens and options were written for another tokenizer class; so does
       generation_config.json, whose eos ids (id 0 and every token carrying the turn separator "\n\n") make
       `generate` stop at the end of a chat turn, where older uploads stopped at id 2 (a byte token);
-    - code this package no longer has is deleted: kernels/*.py files not in the checkout, modules the replaced
-      auto_map entries pointed at, and the tokenizer code of older uploads (hf_rwkv_tokenizer.py).
+    - code this package no longer has is deleted: kernel files not in the checkout (older uploads' kernels/ folder
+      too), modules the replaced auto_map entries pointed at, and older uploads' tokenizer code (hf_rwkv_tokenizer.py).
     Files are compared by content, JSON files by their parsed value, so a second run plans nothing.
     """
     folder = Path(folder)
@@ -650,7 +653,7 @@ def plan_update(folder) -> list:
             put(name, (REPO / name).read_bytes())
 
     present = {path.relative_to(folder).as_posix() for path in folder.rglob("*.py")}
-    owned_before = retired | {name for name in present if name.startswith("kernels/")}
+    owned_before = retired | {name for name in present if name.startswith(KERNEL_FOLDERS)}
     for name in sorted((present & owned_before) - set(CODE_FILES)):
         operations.append(CommitOperationDelete(path_in_repo=name))
     return operations
@@ -755,51 +758,99 @@ def update_code(repo_ids, revision=None, create_pr=False, dry_run=False, api=Non
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+CONVERT_HELP = """\
+Converts an official RWKV-7 checkpoint (BlinkDL's x070 .pth) into a folder that can be pushed to the Hub as it
+is: config.json, generation_config.json, safetensors weights in fla-hub's key names, this package's code and,
+for World-vocabulary models, the World tokenizer.
+
+Before the folder is created, the converted model is loaded with transformers (trust_remote_code=True) and its
+logits are compared with those of BlinkDL's `rwkv` package on the same weights (pip install rwkv); a conversion
+that disagrees leaves nothing behind. Checkpoint variants this package does not implement (DeepEmbed, ...) are
+refused by name.
+
+example:
+  python upload_to_hub.py convert rwkv7-g1-0.4b-20250324-ctx4096.pth rwkv7-0.4B-g1 --dtype bfloat16
+"""
+
+PUSH_HELP = """\
+Uploads a folder made by `convert` to a Hub model repo, in one commit (or one pull request with --pr). Only the
+files of a model folder are uploaded: config.json, the weights, generation_config.json, this package's code and
+tokenizer files, and README.md if there is one; anything else in the folder (notes, caches, tokens) stays local.
+Weight files of an earlier upload that the new weights do not use are deleted from the repo.
+
+Authenticates as huggingface_hub is configured (HF_TOKEN, or `hf auth login`). Without --pr the repo and the
+branch are created when missing.
+
+examples:
+  python upload_to_hub.py push rwkv7-0.4B-g1 --repo my-org/rwkv7-0.4B-g1 --dry-run
+  python upload_to_hub.py push rwkv7-0.4B-g1 --repo my-org/rwkv7-0.4B-g1
+"""
+
+UPDATE_CODE_HELP = """\
+Commits this checkout's code to existing RWKV-7 model repos, leaving their weights untouched; a repo that is up to
+date gets no commit. Per repo, in one commit (or one pull request with --pr):
+  - the model code (configuration_rwkv7.py, modeling_rwkv7.py, rwkv7_kernels/) is replaced by this checkout's,
+    and config.json gets this package's auto_map; every other config key stays;
+  - repos with the World vocabulary (rwkv_vocab_v20230424.txt) get this package's tokenizer files and
+    generation_config.json, which stops `generate` at the end of a chat turn;
+  - code the package no longer has is deleted (older kernel files, an older tokenizer's code).
+
+Authenticates as huggingface_hub is configured (HF_TOKEN, or `hf auth login`). Run with --dry-run first: it lists
+every file it would add, change or delete.
+
+examples:
+  python upload_to_hub.py update-code --repo fla-hub/rwkv7-0.4B-world --repo fla-hub/rwkv7-1.5B-g1 --dry-run
+  python upload_to_hub.py update-code --repo fla-hub/rwkv7-0.4B-world --pr
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\nThe key mapping")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser(
-        "convert",
-        help="official .pth -> verified Hub model folder",
-        description=convert.__doc__.split("\n\n")[0] + " Needs `pip install rwkv` (the check).",
-    )
-    p.add_argument("pth", help="official RWKV-7 checkpoint (x070), e.g. rwkv7-g1-0.4b-20250324-ctx4096.pth")
-    p.add_argument("out_dir", help="folder to create (must not exist, or be empty)")
-    p.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the checkpoint's)")
-    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest weight file (default 2GB)")
+    def command(name, help, description):
+        return commands.add_parser(
+            name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    p = command("convert", "official .pth -> a verified model folder, ready to push", CONVERT_HELP)
+    p.add_argument("pth", help="the official RWKV-7 checkpoint (x070), e.g. rwkv7-g1-0.4b-20250324-ctx4096.pth")
+    p.add_argument("out_dir", help="the folder to create; it must not exist, or be empty")
     p.add_argument(
-        "--tokenizer", choices=("world", "none"), default="world", help="ship the World tokenizer (default) or none"
+        "--dtype", choices=DTYPES, help="precision of the stored weights (default: the checkpoint's own)"
+    )
+    p.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest weight file, e.g. 500MB or 2GB (default {DEFAULT_MAX_SHARD_SIZE}); larger models are sharded",
+    )
+    p.add_argument(
+        "--tokenizer", choices=("world", "none"), default="world",
+        help="world: ship the RWKV World tokenizer (default, for 65536-row vocabularies); none: ship no tokenizer "
+        "(Pile models: add theirs by hand)",
     )
 
-    p = commands.add_parser(
-        "push",
-        help="upload a converted folder as one commit",
-        description=push.__doc__.split("\n\n")[0] + " " + model_folder_files.__doc__,
-    )
-    p.add_argument("out_dir")
+    p = command("push", "upload a converted folder to a Hub repo, in one commit", PUSH_HELP)
+    p.add_argument("out_dir", help="a folder made by `convert`")
     add_commit_arguments(p)
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
 
-    p = commands.add_parser(
-        "update-code",
-        help="replace the code of existing repos with this checkout's, weights untouched",
-        description=plan_update.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command("update-code", "bring existing Hub repos to this checkout's code, weights untouched", UPDATE_CODE_HELP)
     add_commit_arguments(p, several=True)
     return parser
 
 
 def add_commit_arguments(parser, several=False):
     parser.add_argument(
-        "--repo", required=True, action="append" if several else "store", help="ORG/NAME" + (" (repeatable)" if several else "")
+        "--repo", required=True, action="append" if several else "store", metavar="ORG/NAME",
+        help="the Hub model repo" + (" (repeat --repo for several repos)" if several else ""),
     )
-    parser.add_argument("--revision", help="branch to commit to (default: the default branch)")
+    parser.add_argument("--revision", metavar="BRANCH", help="branch to commit to (default: the repo's default branch)")
     parser.add_argument("--pr", action="store_true", help="open a pull request instead of committing to the branch")
-    parser.add_argument("--dry-run", action="store_true", help="print the files it would add, change and delete; upload nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the files it would add, change and delete; upload nothing"
+    )
 
 
 def main(argv=None):

@@ -40,10 +40,11 @@ def per_token_seconds(step, tokens):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="0.1B", choices=SHAPES)
-    parser.add_argument("--tokens", type=int, default=8, help="decoding steps per round")
-    parser.add_argument("--rounds", type=int, default=31)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--shape", default="0.1B", choices=SHAPES, help="a released model shape (default 0.1B)")
+    parser.add_argument("--tokens", type=int, default=8, help="decoding steps per round (default 8)")
+    parser.add_argument("--rounds", type=int, default=31, help="rounds, alternating the two models (default 31)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch CPU threads (default: torch's default here)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,7 +65,7 @@ def main():
 
     @torch.no_grad()
     def our_step(token):
-        cache[0] = ours(torch.tensor([[token]]), past_key_values=cache[0], use_cache=True).past_key_values
+        cache[0] = ours(torch.tensor([[token]]), past_key_values=cache[0], use_cache=True).cache
 
     steps = {"official": official_step, "ours": our_step}
     for step in steps.values():  # warm up: TorchScript profiling runs, first allocations

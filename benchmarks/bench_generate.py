@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+import needs  # noqa: E402
 from configuration_rwkv7 import RWKV7Config  # noqa: E402
 from modeling_rwkv7 import RWKV7ForCausalLM  # noqa: E402
 
@@ -110,7 +111,7 @@ def decode_rate(model, batch, new_tokens, prompt_len=16):
 @torch.no_grad()
 def step_time(model, batch, repeats=50):
     ids = torch.randint(1, 65000, (batch, 16), device="cuda")
-    cache = model(ids, use_cache=True).past_key_values
+    cache = model(ids, use_cache=True).cache
     token = ids[:, -1:]
     for _ in range(3):
         model(token, past_key_values=cache, use_cache=True)
@@ -162,13 +163,14 @@ print(built - start, prefill - built, done - prefill)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="0.4B,1.5B")
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--shapes", default="0.4B,1.5B", help=f"comma-separated, of {', '.join(SHAPES)} (default 0.4B,1.5B)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens each of our decode runs makes (default 256)")
     parser.add_argument("--fla-new-tokens", type=int, default=64, help="fla decodes slowly; its rate per token is flat")
-    parser.add_argument("--no-fla", action="store_true")
-    parser.add_argument("--cold-start", action="store_true")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-fla", action="store_true", help="time ours alone (no flash-linear-attention needed)")
+    parser.add_argument("--cold-start", action="store_true", help="time a fresh process's first prefill and generate")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers to this file")
     args = parser.parse_args()
+    needs.cuda_gpu("bench_generate.py")
 
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     import transformers
@@ -176,9 +178,7 @@ def main():
 
     results.update(transformers=transformers.__version__, triton=triton.__version__)
     if not args.no_fla:
-        import fla
-
-        results["fla"] = fla.__version__
+        results["fla"] = needs.fla("bench_generate.py").__version__
     if args.cold_start:
         results["cold_start"] = {shape: cold_start(shape) for shape in args.shapes.split(",")}
         print(json.dumps(results, indent=2))

@@ -2,9 +2,9 @@
 
     python benchmarks/bench_kernels.py            # needs a CUDA GPU and fla (pip install fla-core)
 
-bf16, head size 64. Chunked WKV-7 (kernels/wkv7_chunk.py) against fla's chunk_rwkv7, called as fla's RWKV-7 layer
+bf16, head size 64. Chunked WKV-7 (rwkv7_kernels/wkv7_chunk.py) against fla's chunk_rwkv7, called as fla's RWKV-7 layer
 calls it (safe_gate=True, lower_bound=-exp(-0.5), chunk_size=64); the decode step against fla's
-fused_mul_recurrent_rwkv7: ours is the model's whole fused time mix of one token (kernels/time_mix_decode.py,
+fused_mul_recurrent_rwkv7: ours is the model's whole fused time mix of one token (rwkv7_kernels/time_mix_decode.py,
 state updated in place), which beyond fla's WKV step also computes the LoRA up-projections, the decay, the kk
 normalisation and the k update, the per-head GroupNorm, the bonus and the gate. fla's inputs are computed from
 ours, so both WKV steps see the same r, w, k, v, kk, a, and "max rel diff vs fla" compares the updated states. A
@@ -16,10 +16,9 @@ Times are triton.testing.do_bench medians
 (decode: replays of a CUDA graph, as the model runs it, and plain launches). Peak memory is the most allocated
 during one call beyond the inputs; the floor time is (bytes of inputs + outputs) / measured copy bandwidth.
 Cold start: the first call in a fresh process with an empty Triton cache. Prints a markdown table.
-Arguments pick parts (default all): python benchmarks/bench_kernels.py [fwd] [fwd+bwd] [decode] [cold]
-(cold-ours: our cold start alone; fla's autotunes for minutes in a fresh process)
 """
 
+import argparse
 import math
 import os
 import subprocess
@@ -31,9 +30,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
-from kernels import fused_time_mix  # noqa: E402
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."), os.path.dirname(os.path.abspath(__file__))]
+import needs  # noqa: E402
+from rwkv7_kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
+from rwkv7_kernels import fused_time_mix  # noqa: E402
 
 LOWER = -math.exp(-0.5)
 K = 64
@@ -207,14 +207,14 @@ def cold(which):
 def cold_start(which):
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TRITON_CACHE_DIR=cache)
-        out = subprocess.run([sys.executable, __file__, "--cold", which], env=env, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--cold-child", which], env=env, capture_output=True, text=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("COLD")]
     return line[0].split()[1:] if line else ["failed: " + out.stderr[-300:]]
 
 
 def main(parts):
     os.environ["FLA_CACHE_RESULTS"] = "0"  # fla would otherwise reuse tunings recorded on disk by earlier runs
-    import fla as fla_pkg
+    fla_pkg = needs.fla("bench_kernels.py")
 
     bw = copy_bandwidth()
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -249,8 +249,21 @@ def main(parts):
         print(f"- {which}: {' '.join(cold_start(which))}")
 
 
+PARTS = ("fwd", "fwd+bwd", "decode", "cold", "cold-ours")
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--cold":
-        cold(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "parts", nargs="*", metavar="PART",
+        help=f"what to time, of {', '.join(PARTS)} (default: fwd fwd+bwd decode cold); cold-ours: our cold start "
+        "alone (fla's autotunes for minutes in a fresh process)",
+    )
+    parser.add_argument("--cold-child", choices=("ours", "fla"), help=argparse.SUPPRESS)  # the cold-start process
+    args = parser.parse_args()
+    if set(args.parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
+    needs.cuda_gpu("bench_kernels.py")
+    if args.cold_child:
+        cold(args.cold_child)
     else:
-        main(sys.argv[1:] or ["fwd", "fwd+bwd", "decode", "cold"])
+        main(args.parts or ["fwd", "fwd+bwd", "decode", "cold"])

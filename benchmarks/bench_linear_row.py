@@ -1,10 +1,11 @@
-"""Block shapes for kernels/linear_decode.py: times the one-row linear kernel on the weight shapes of a decoding step
+"""Block shapes for rwkv7_kernels/linear_decode.py: times the one-row linear kernel on the weight shapes of a decoding step
 of the released models, for a grid of (BLOCK_N, BLOCK_K, warps), against cuBLAS through F.linear, as CUDA-graph
 replays (how the decoding step runs).
 
     python benchmarks/bench_linear_row.py
 """
 
+import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels.linear_decode import _linear_row_kernel  # noqa: E402
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+import needs  # noqa: E402
+from rwkv7_kernels.linear_decode import _linear_row_kernel  # noqa: E402
 
 SHAPES = {  # (N, K): the projections, FFN, LoRA down / up and the head of the 0.4B and 1.5B shapes
     "proj 1024": (1024, 1024), "proj 2048": (2048, 2048), "ffn key 0.4B": (4096, 1024), "ffn value 0.4B": (1024, 4096),
@@ -28,6 +30,8 @@ def time_us(fn):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    needs.cuda_gpu("bench_linear_row.py")
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}")
     for name, (N, K) in SHAPES.items():
         x = torch.randn(K, device="cuda", dtype=torch.bfloat16)

@@ -13,19 +13,22 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import needs  # noqa: E402
 from bench_generate import SHAPES, build_ours, step_time, sync_time  # noqa: E402
 
 
 @torch.no_grad()
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="0.4B", choices=SHAPES)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--tokens", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="0.4B", choices=SHAPES, help="a released model shape (default 0.4B)")
+    parser.add_argument("--batch", type=int, default=1, help="rows (default 1)")
+    parser.add_argument("--tokens", type=int, default=1, help="tokens per row: 1 profiles a decoding step (default), "
+                        "more a prefill")
     args = parser.parse_args()
+    needs.cuda_gpu("profile_decode.py")
     model = build_ours(args.shape)
     print(f"graph replay step: {step_time(model, args.batch) * 1e3:.3f} ms")
-    cache = model(torch.randint(1, 65000, (args.batch, 16), device="cuda"), use_cache=True).past_key_values
+    cache = model(torch.randint(1, 65000, (args.batch, 16), device="cuda"), use_cache=True).cache
     tokens = torch.randint(1, 65000, (args.batch, args.tokens), device="cuda")
 
     def forward():

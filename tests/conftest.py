@@ -7,6 +7,16 @@ import os
 import tempfile
 
 import torch
+import transformers
+
+# dev.sh runs the suite again with other transformers versions beside the environment's, and names the version it
+# meant to run: stop at once if another one was imported
+_EXPECTED = os.environ.get("RWKV7_TEST_TRANSFORMERS")
+if _EXPECTED and transformers.__version__ != _EXPECTED:
+    raise RuntimeError(
+        f"RWKV7_TEST_TRANSFORMERS={_EXPECTED}, but transformers {transformers.__version__} was imported from "
+        f"{transformers.__file__}: check PYTHONPATH"
+    )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["RWKV_V7_ON"] = "1"  # the official `rwkv` package reads it at import time
@@ -49,3 +59,7 @@ def _interpreter_handles_bfloat16_like_gpus():
 
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     _interpreter_handles_bfloat16_like_gpus()
+
+
+def pytest_report_header():
+    return f"transformers {transformers.__version__} ({os.path.dirname(transformers.__file__)}), torch {torch.__version__}"

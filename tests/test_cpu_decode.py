@@ -9,8 +9,8 @@ from official import official_math_fp64, random_official_weights, to_fla
 
 import modeling_rwkv7
 from configuration_rwkv7 import RWKV7Config
-from kernels.ops_reference import time_mix_reference
-from kernels.wkv7_reference import wkv7_one_token, wkv7_reference
+from rwkv7_kernels.ops_reference import time_mix_reference
+from rwkv7_kernels.wkv7_reference import wkv7_one_token, wkv7_reference
 from modeling_rwkv7 import RWKV7ForCausalLM
 
 
@@ -119,10 +119,10 @@ def test_float64_decoding_steps_match_exact_math():
         out = model(torch.tensor([tokens[:3]]), use_cache=True)
         logits = [out.logits[0]]
         for token in tokens[3:]:
-            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[token]]), cache=out.cache, use_cache=True)
             logits.append(out.logits[0])
     torch.testing.assert_close(torch.cat(logits), exact_logits, rtol=1e-10, atol=1e-10)
-    for wkv, exact in zip(out.past_key_values.wkv, exact_states):
+    for wkv, exact in zip(out.cache.wkv, exact_states):
         torch.testing.assert_close(wkv[0], exact.transpose(-1, -2), rtol=1e-10, atol=1e-10)
 
 

@@ -1,5 +1,5 @@
-"""The fused kernels of a decoding step (kernels/time_mix_decode.py, norm_mix_linear_decode.py,
-norm_shift_mix_fused.py, linear_decode.py) against their PyTorch references (kernels/ops_reference.py) run in
+"""The fused kernels of a decoding step (rwkv7_kernels/time_mix_decode.py, norm_mix_linear_decode.py,
+norm_shift_mix_fused.py, linear_decode.py) against their PyTorch references (rwkv7_kernels/ops_reference.py) run in
 float64, and the model's fused decoding step against its general path.
 
 Without CUDA (CI) the kernel runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
@@ -13,14 +13,14 @@ import torch
 
 from conftest import KERNEL_TEST_DEVICE as DEVICE  # noqa: E402  (conftest set TRITON_INTERPRET for the CPU)
 
-from kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
-from kernels.ops_reference import (  # noqa: E402
+from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
+from rwkv7_kernels.ops_reference import (  # noqa: E402
     linear_reference,
     norm_mix_linear_reference,
     norm_shift_mix_reference,
     time_mix_reference,
 )
-from kernels.time_mix_decode import lora_up, time_mix_decode_  # noqa: E402
+from rwkv7_kernels.time_mix_decode import lora_up, time_mix_decode_  # noqa: E402
 
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 2e-3}
 
@@ -113,7 +113,7 @@ def test_lora_up_matches_reference(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("masked", [False, True], ids=["token", "padding"])
 def test_norm_mix_linear_row_matches_reference(dtype, masked):
-    from kernels.norm_mix_linear_decode import _COUNTERS, norm_mix_linear_row
+    from rwkv7_kernels.norm_mix_linear_decode import _COUNTERS, norm_mix_linear_row
 
     C = 96 if DEVICE == "cpu" else 2560  # not a power of two
     sizes_acts = [(C, None), (C, None), (13, "tanh"), (8, None), (7, "sigmoid"), (32, "relu2")]  # ragged blocks
@@ -169,8 +169,8 @@ def test_fused_norm_shift_mix_matches_reference(dtype, mixes, with_bias):
 @pytest.mark.parametrize("shape", [(96, 200), (1030, 64)], ids=["N96_K200", "N1030_K64"])  # N, K: ragged blocks
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "bias_residual"])
 def test_linear_row_matches_reference(activation, shape, extras):
-    from kernels.linear_decode import linear_row
-    from kernels.ops_reference import linear_reference
+    from rwkv7_kernels.linear_decode import linear_row
+    from rwkv7_kernels.ops_reference import linear_reference
 
     N, K = shape
     g = torch.Generator().manual_seed(N + K)
@@ -207,15 +207,15 @@ def test_model_fused_decoding_step_equals_general_path(batch, monkeypatch):
     mask[-1, :3] = 0  # the last row is left-padded
     if batch > 1:
         mask[0, -1] = 0  # and row 0 gets a padding token while decoding
-    fused_cache = model(prompt, attention_mask=mask[:, :7], use_cache=True).past_key_values
+    fused_cache = model(prompt, attention_mask=mask[:, :7], use_cache=True).cache
     general_cache = copy.deepcopy(fused_cache)
     fused_kernels = modeling_rwkv7.kernels.fused_decoding
     token = torch.randint(0, 300, (batch, 1), generator=g).to(DEVICE)
     for _ in range(2):
         monkeypatch.setattr(modeling_rwkv7.kernels, "fused_decoding", lambda x, head_dim=None: head_dim in (None, 64))
-        fused = model(token, attention_mask=mask, past_key_values=fused_cache).logits
+        fused = model(token, attention_mask=mask, cache=fused_cache).logits
         monkeypatch.setattr(modeling_rwkv7.kernels, "fused_decoding", lambda x, head_dim=None: False)
-        general = model(token, attention_mask=mask, past_key_values=general_cache).logits
+        general = model(token, attention_mask=mask, cache=general_cache).logits
         assert rel(fused, general) <= 1e-5, rel(fused, general)
         token = general.argmax(-1)
     monkeypatch.setattr(modeling_rwkv7.kernels, "fused_decoding", fused_kernels)

@@ -1,5 +1,5 @@
-"""The fused kernels of a prefill (kernels/time_mix_sequence.py, kernels/norm_shift_mix_fused.py on sequences) against
-their PyTorch references (kernels/ops_reference.py) run in float64, and the model's fused prefill against its
+"""The fused kernels of a prefill (rwkv7_kernels/time_mix_sequence.py, rwkv7_kernels/norm_shift_mix_fused.py on sequences) against
+their PyTorch references (rwkv7_kernels/ops_reference.py) run in float64, and the model's fused prefill against its
 general path.
 
 Without CUDA (CI) the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by
@@ -14,9 +14,9 @@ import torch
 
 from conftest import KERNEL_TEST_DEVICE as DEVICE  # noqa: E402  (conftest set TRITON_INTERPRET for the CPU)
 
-from kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
-from kernels.ops_reference import norm_shift_mix_reference, time_mix_reference  # noqa: E402
-from kernels.time_mix_sequence import time_mix_sequence  # noqa: E402
+from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
+from rwkv7_kernels.ops_reference import norm_shift_mix_reference, time_mix_reference  # noqa: E402
+from rwkv7_kernels.time_mix_sequence import time_mix_sequence  # noqa: E402
 
 DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in (torch.float32, torch.bfloat16)]
 
@@ -113,7 +113,7 @@ def test_model_fused_prefill_equals_general_path(monkeypatch):
     model.load_state_dict(weights)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 300, (2, 37), generator=g).to(DEVICE)
-    cache = model(prompt[:, :5], use_cache=True).past_key_values  # the prompt continues a conversation
+    cache = model(prompt[:, :5], use_cache=True).cache  # the prompt continues a conversation
 
     kernels = modeling_rwkv7.kernels
     sequence_module = importlib.import_module(kernels.__name__ + ".time_mix_sequence")
@@ -123,8 +123,8 @@ def test_model_fused_prefill_equals_general_path(monkeypatch):
 
     def run(fused, mask):
         monkeypatch.setattr(kernels, "fused_inference", lambda x: fused and not torch.is_grad_enabled())
-        out = model(prompt[:, 5:], attention_mask=mask, past_key_values=copy.deepcopy(cache), use_cache=True)
-        return out.logits, out.past_key_values
+        out = model(prompt[:, 5:], attention_mask=mask, cache=copy.deepcopy(cache), use_cache=True)
+        return out.logits, out.cache
 
     ones = torch.ones(2, 37, dtype=torch.long, device=DEVICE)
     general, general_cache = run(False, ones)

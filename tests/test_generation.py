@@ -57,7 +57,7 @@ def greedy_by_hand(model, prompt, steps, processors=None):
         scores.append(logits[0])
         token = int(logits.argmax(-1))
         tokens.append(token)
-        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[token]]), cache=out.cache, use_cache=True)
     return tokens, torch.stack(scores)
 
 
@@ -73,6 +73,61 @@ def test_greedy_and_scores_match_forward_by_hand(model):
     no_cache = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, use_cache=False)
     assert no_cache[0].tolist() == expected
     assert model.generate(torch.tensor([PROMPTS[0]]), max_length=len(PROMPTS[0]) + 3).shape[1] == len(PROMPTS[0]) + 3
+
+
+@contextlib.contextmanager
+def transformers_warnings():
+    """Collects what transformers warns in the block: its log records (warning_once's memory of earlier warnings
+    cleared) and Python warnings."""
+    import logging
+    import warnings
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler, transformers_logger = Collect(level=logging.WARNING), logging.getLogger("transformers")
+    logging.Logger.warning_once.cache_clear()
+    transformers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield records
+    finally:
+        transformers_logger.removeHandler(handler)
+    records += [str(w.message) for w in caught]
+
+
+@torch.no_grad()
+def test_generate_feeds_each_token_once_under_either_cache_name(model):
+    """transformers 5.24 passes generate's cache as `cache` where earlier versions pass `past_key_values`: each step
+    must feed only the new token, on every version, and a cache given under either name must be continued from,
+    with no deprecation warning."""
+    fed = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append(kwargs.get("input_ids", args[0] if args else None).shape[1]), with_kwargs=True
+    )
+    prompt, question = PROMPTS[0], [11, 12, 13]
+    try:
+        with transformers_warnings() as warned:
+            model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)
+            assert fed == [len(prompt), 1, 1, 1, 1]
+            expected, _ = greedy_by_hand(model, prompt + question, 4)
+            for name in ("cache", "past_key_values"):
+                prefix = model(torch.tensor([prompt]), use_cache=True).cache
+                fed.clear()
+                out = model.generate(torch.tensor([question]), **{name: prefix}, max_new_tokens=4, do_sample=False)
+                assert fed == [len(question), 1, 1, 1], name
+                assert out[0].tolist() == expected[len(prompt) :], name
+                assert prefix.num_seen_tokens == len(prompt) + len(question) + 3  # updated in place
+                # the forward takes either name too
+                step = model(out[:, -1:], **{name: prefix})
+                assert step.cache is prefix and prefix.num_seen_tokens == len(prompt) + len(question) + 4
+    finally:
+        hook.remove()
+    assert not [w for w in warned if "past_key_values" in w or "cache" in w or "deprecat" in w], warned
 
 
 @torch.no_grad()
@@ -130,9 +185,9 @@ def test_left_padded_batch_equals_each_prompt_alone(model):
 @torch.no_grad()
 def test_padding_leaves_a_non_empty_state_untouched(model):
     prefixes = [[4, 4, 8, 15], [16, 23, 42, 1]]
-    cache = model(torch.tensor(prefixes), use_cache=True).past_key_values
+    cache = model(torch.tensor(prefixes), use_cache=True).cache
     ids, mask = left_pad([PROMPTS[0], PROMPTS[1]])
-    out = model.generate(ids, attention_mask=mask, past_key_values=copy.deepcopy(cache), max_new_tokens=5,
+    out = model.generate(ids, attention_mask=mask, cache=copy.deepcopy(cache), max_new_tokens=5,
                          do_sample=False, return_dict_in_generate=True, output_logits=True)
     for row, (prefix, prompt) in enumerate(zip(prefixes, PROMPTS[:2])):
         expected, expected_logits = greedy_by_hand(model, prefix + prompt, 5)
@@ -144,10 +199,10 @@ def test_padding_leaves_a_non_empty_state_untouched(model):
 def test_state_is_reusable_across_questions_and_turns(model):
     system = [9, 9, 3, 27, 81, 5, 5, 60]
     questions = [[11, 12], [40, 2, 2, 7]]
-    prefix_cache = model(torch.tensor([system]), use_cache=True).past_key_values
+    prefix_cache = model(torch.tensor([system]), use_cache=True).cache
     snapshot = copy.deepcopy(prefix_cache)
     for question in questions:
-        answer = model.generate(torch.tensor([question]), past_key_values=copy.deepcopy(prefix_cache),
+        answer = model.generate(torch.tensor([question]), cache=copy.deepcopy(prefix_cache),
                                 max_new_tokens=5, do_sample=False)
         expected, _ = greedy_by_hand(model, system + question, 5)
         assert answer[0].tolist() == expected[len(system) :]
@@ -156,19 +211,19 @@ def test_state_is_reusable_across_questions_and_turns(model):
 
     # several sampled answers from one prefilled state
     torch.manual_seed(0)
-    answers = model.generate(torch.tensor([questions[0]]), past_key_values=copy.deepcopy(prefix_cache),
+    answers = model.generate(torch.tensor([questions[0]]), cache=copy.deepcopy(prefix_cache),
                              max_new_tokens=5, do_sample=True, temperature=3.0, num_return_sequences=3)
     assert answers.shape == (3, len(questions[0]) + 5) and len({tuple(a.tolist()) for a in answers}) > 1
 
-    # a conversation goes on from the returned cache with only the tokens it has not seen: generate's last token
-    # (sampled, never fed back) and the new ones
-    first = model.generate(torch.tensor([system]), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert first.past_key_values.num_seen_tokens == first.sequences.shape[1] - 1
+    # a conversation goes on from a cache generate has updated in place, with only the tokens it has not seen:
+    # generate's last token (sampled, never fed back) and the new ones
+    state = copy.deepcopy(prefix_cache)
+    first = model.generate(torch.tensor([questions[0]]), cache=state, max_new_tokens=4, do_sample=False)
+    assert state.num_seen_tokens == len(system) + first.shape[1] - 1
     follow_up = torch.tensor([[13, 21]])
-    second = model.generate(torch.cat([first.sequences[:, -1:], follow_up], 1), past_key_values=first.past_key_values,
-                            max_new_tokens=4, do_sample=False)
-    expected, _ = greedy_by_hand(model, first.sequences[0].tolist() + follow_up[0].tolist(), 4)
-    assert second[0, 1:].tolist() == expected[len(first.sequences[0]) :]
+    second = model.generate(torch.cat([first[:, -1:], follow_up], 1), cache=state, max_new_tokens=4, do_sample=False)
+    expected, _ = greedy_by_hand(model, system + first[0].tolist() + follow_up[0].tolist(), 4)
+    assert second[0, 1:].tolist() == expected[len(system) + first.shape[1] :]
 
 
 @torch.no_grad()
@@ -187,11 +242,11 @@ def test_inputs_embeds_and_hidden_states(model):
 @torch.no_grad()
 def test_unsupported_modes_fail_clearly(model):
     ids = torch.tensor([PROMPTS[0]])
-    with pytest.raises(ValueError, match="stateful|not supported"):
+    with pytest.raises(ValueError, match="stateful|only supports"):
         model.generate(ids, assistant_model=model, max_new_tokens=3)
     with pytest.raises(ValueError, match="attention weights"):
         model(ids, output_attentions=True)
-    cache = model(ids, use_cache=True).past_key_values
+    cache = model(ids, use_cache=True).cache
     with pytest.raises(NotImplementedError, match="rewound"):
         cache.crop(2)
     assert isinstance(cache, RWKV7Cache)

@@ -40,7 +40,7 @@ def test_gpu_bf16_logits_match_cpu_reference():
     error = rms_rel(out.logits.float().cpu(), ref.logits)
     print(f"\nbf16 GPU vs float32 CPU logits: relative RMS error {error:.2e}")
     assert error <= 5e-3 * 4  # bf16 weights and activations through 3 layers; the WKV kernel alone is <= 5e-3
-    for mine, theirs in zip(out.past_key_values.wkv, ref.past_key_values.wkv):
+    for mine, theirs in zip(out.cache.wkv, ref.cache.wkv):
         assert mine.dtype == torch.float32
         assert rms_rel(mine.cpu(), theirs) <= 2e-2
 
@@ -54,15 +54,15 @@ def test_graphed_decoding_equals_eager_decoding(many_rows):
     heads = model.config.hidden_size // model.config.head_dim
     batch = 2 * torch.cuda.get_device_properties(0).multi_processor_count // heads + 1 if many_rows else 4
     prompts = torch.randint(0, 1000, (batch, 40), device="cuda")
-    cache = model(prompts, use_cache=True).past_key_values
+    cache = model(prompts, use_cache=True).cache
     eager_cache = copy.deepcopy(cache)
     tokens = torch.randint(0, 1000, (batch, 1), device="cuda")
     padded = torch.ones(batch, 1, dtype=torch.long, device="cuda")
     padded[0] = 0  # row 0 gets a padding token
     for step in range(6):
         mask = padded if step % 3 == 0 else None  # and the steps after it, without a mask, none
-        graphed = model(tokens, attention_mask=mask, past_key_values=cache).logits
-        eager = model._forward_eager(input_ids=tokens, attention_mask=mask, past_key_values=eager_cache,
+        graphed = model(tokens, attention_mask=mask, cache=cache).logits
+        eager = model._forward_eager(input_ids=tokens, attention_mask=mask, cache=eager_cache,
                                      return_dict=True).logits
         torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
         tokens = graphed[:, -1].argmax(-1, keepdim=True)
@@ -74,19 +74,19 @@ def test_graphed_decoding_equals_eager_decoding(many_rows):
 @torch.no_grad()
 def test_two_caches_decoding_in_turn_keep_their_own_states():
     model = make_model(seed=2).to("cuda", torch.bfloat16)
-    first = model(torch.randint(0, 1000, (1, 20), device="cuda"), use_cache=True).past_key_values
-    second = model(torch.randint(0, 1000, (1, 30), device="cuda"), use_cache=True).past_key_values
+    first = model(torch.randint(0, 1000, (1, 20), device="cuda"), use_cache=True).cache
+    second = model(torch.randint(0, 1000, (1, 30), device="cuda"), use_cache=True).cache
     references = [copy.deepcopy(first), copy.deepcopy(second)]
     token = torch.tensor([[7]], device="cuda")
     for _ in range(3):
         for cache, reference in zip((first, second), references):
-            graphed = model(token, past_key_values=cache).logits
-            eager = model._forward_eager(input_ids=token, past_key_values=reference, return_dict=True).logits
+            graphed = model(token, cache=cache).logits
+            eager = model._forward_eager(input_ids=token, cache=reference, return_dict=True).logits
             torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
     assert not any(a is b for a, b in zip(first.wkv, second.wkv))
     # a copy taken while its cache holds the graph's tensors is independent of it
     snapshot = copy.deepcopy(second)
-    model(token, past_key_values=second)
+    model(token, cache=second)
     assert not torch.equal(snapshot.wkv[0], second.wkv[0])
 
 

@@ -1,6 +1,6 @@
-"""The chunked Triton WKV-7 kernel (kernels/wkv7_chunk.py) against a float64 recurrence.
+"""The chunked Triton WKV-7 kernel (rwkv7_kernels/wkv7_chunk.py) against a float64 recurrence.
 
-Errors are relative RMS, ||x - ref|| / ||ref||, against kernels/wkv7_reference.py run in float64 on the same
+Errors are relative RMS, ||x - ref|| / ||ref||, against rwkv7_kernels/wkv7_reference.py run in float64 on the same
 (rounded) inputs, for the output, the final state and every gradient (r, w, k, v, a, b, initial state).
 
 Without CUDA (CI), the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
@@ -19,8 +19,8 @@ from conftest import KERNEL_TEST_DEVICE as DEVICE  # noqa: E402  (conftest set T
 
 triton = pytest.importorskip("triton")
 
-from kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
-from kernels.wkv7_reference import wkv7_reference  # noqa: E402
+from rwkv7_kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
+from rwkv7_kernels.wkv7_reference import wkv7_reference  # noqa: E402
 
 K = V = 64
 # (outputs and states, gradients) bounds per input dtype
@@ -31,7 +31,7 @@ DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in BOUNDS]
 def test_kernels_need_triton_3_5():
     """The decoding kernels' griddepcontrol does not compile before triton 3.5: with an older one every op runs its
     PyTorch reference (kernels.HAS_TRITON is False; a warning says so on CUDA machines)."""
-    from kernels import triton_supported
+    from rwkv7_kernels import triton_supported
 
     assert not triton_supported("3.4.0") and not triton_supported("3.0.0") and not triton_supported("2.3.1")
     assert triton_supported("3.5.0") and triton_supported("3.10.1+git1a2b3c4") and triton_supported("4.0.0")

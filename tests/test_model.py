@@ -59,8 +59,8 @@ def test_matches_official_whole_sequence_and_token_by_token(case):
         out = model(torch.tensor([TOKENS]), use_cache=True)
         cache, ours_steps = None, []
         for token in TOKENS:
-            step = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
+            step = model(torch.tensor([[token]]), cache=cache, use_cache=True)
+            cache = step.cache
             ours_steps.append(step.logits[0, -1])
     ours_seq, ours_steps = out.logits[0], torch.stack(ours_steps)
 
@@ -73,11 +73,11 @@ def test_matches_official_whole_sequence_and_token_by_token(case):
     assert errors["token-by-token"] <= 5e-5, errors
     for i in range(L):
         official_wkv = ref_state[3 * i + 1].transpose(-1, -2)  # official [H, V, K] -> fla [H, K, V]
-        for ours in (out.past_key_values.wkv[i][0], cache.wkv[i][0]):
+        for ours in (out.cache.wkv[i][0], cache.wkv[i][0]):
             assert ours.dtype == torch.float32
             torch.testing.assert_close(ours, official_wkv, rtol=1e-4, atol=1e-4 * official_wkv.abs().max().item())
-        torch.testing.assert_close(out.past_key_values.attn_shift[i][0], ref_state[3 * i], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.past_key_values.ffn_shift[i][0], ref_state[3 * i + 2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.cache.attn_shift[i][0], ref_state[3 * i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.cache.ffn_shift[i][0], ref_state[3 * i + 2], rtol=1e-5, atol=1e-5)
 
 
 def test_float64_is_closer_to_exact_math(case):
@@ -90,7 +90,7 @@ def test_float64_is_closer_to_exact_math(case):
         errors[dtype] = rel_err(out.logits[0], exact_logits)
         if dtype == torch.float64:
             for i, state in enumerate(exact_states):
-                torch.testing.assert_close(out.past_key_values.wkv[i][0], state.transpose(-1, -2).to(torch.float64))
+                torch.testing.assert_close(out.cache.wkv[i][0], state.transpose(-1, -2).to(torch.float64))
     print(f"\n{name}: max|diff|/std vs float64 math: float32 {errors[torch.float32]:.2e}, float64 {errors[torch.float64]:.2e}")
     assert errors[torch.float64] < 1e-10
     assert errors[torch.float64] < errors[torch.float32] / 100
@@ -103,13 +103,13 @@ def test_sequence_equals_pieces_with_cache_equals_token_by_token():
         whole = model(ids).logits
         cache, pieces = None, []
         for start, end in [(0, 4), (4, 5), (5, 11)]:
-            out = model(ids[:, start:end], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, start:end], cache=cache, use_cache=True)
+            cache = out.cache
             pieces.append(out.logits)
         cache, steps = None, []
         for t in range(ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-5)
@@ -139,7 +139,7 @@ def test_save_and_load_round_trip(tmp_path, dtype):
     model.save_pretrained(tmp_path / "saved")
     saved_config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved_config["auto_map"]["AutoModelForCausalLM"] == "modeling_rwkv7.RWKV7ForCausalLM"
-    assert (tmp_path / "saved" / "kernels" / "wkv7_reference.py").is_file()
+    assert (tmp_path / "saved" / "rwkv7_kernels" / "wkv7_reference.py").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True, **{DTYPE_ARG: dtype})
     for (name, p), (name2, p2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert name == name2 and torch.equal(p, p2), name
@@ -148,7 +148,7 @@ def test_save_and_load_round_trip(tmp_path, dtype):
     with torch.no_grad():
         out = reloaded(ids, use_cache=True)
         ref = reference(ids).logits
-    assert out.past_key_values.wkv[0].dtype == torch.float32
+    assert out.cache.wkv[0].dtype == torch.float32
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
     assert rel_err(out.logits.float(), ref) <= tolerance
 
@@ -183,22 +183,22 @@ def test_cache_copies_are_independent_and_reorderable():
     model = build_model(random_official_weights(hidden=128, layers=2, seed=7))
     ids = torch.tensor([TOKENS])
     with torch.no_grad():
-        prefix = model(ids[:, :6], use_cache=True).past_key_values
+        prefix = model(ids[:, :6], use_cache=True).cache
         branch = copy.deepcopy(prefix)
-        a = model(ids[:, 6:], past_key_values=prefix, use_cache=True).logits
-        b = model(ids[:, 6:], past_key_values=branch, use_cache=True).logits
+        a = model(ids[:, 6:], cache=prefix, use_cache=True).logits
+        b = model(ids[:, 6:], cache=branch, use_cache=True).logits
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, model(ids).logits[:, 6:], rtol=1e-5, atol=1e-5)
 
-        two = model(torch.tensor([TOKENS[:6], TOKENS[6:]]), use_cache=True).past_key_values
+        two = model(torch.tensor([TOKENS[:6], TOKENS[6:]]), use_cache=True).cache
         two.reorder_cache(torch.tensor([1, 1]))
         torch.testing.assert_close(two.wkv[1][0], two.wkv[1][1])
         assert two.get_seq_length() == 0 and two.num_seen_tokens == 6
         with pytest.raises(ValueError, match="divides"):
-            model(torch.tensor([[1], [2], [3]]), past_key_values=two)
+            model(torch.tensor([[1], [2], [3]]), cache=two)
         # a cache of one row serves a batch: each row continues from the same state
-        one = model(ids[:, :6], use_cache=True).past_key_values
-        rows = model(torch.tensor([[TOKENS[6]], [TOKENS[6]], [TOKENS[7]]]), past_key_values=one).logits
+        one = model(ids[:, :6], use_cache=True).cache
+        rows = model(torch.tensor([[TOKENS[6]], [TOKENS[6]], [TOKENS[7]]]), cache=one).logits
         torch.testing.assert_close(rows[0], rows[1], rtol=0, atol=0)
         torch.testing.assert_close(rows[0], model(ids).logits[:, 6:7][0], rtol=1e-5, atol=1e-5)
         assert one.batch_size == 3
@@ -259,3 +259,58 @@ def test_incomplete_and_unsupported_checkpoints_are_refused(tmp_path):
     save_file(state, folder / "model.safetensors")
     with pytest.raises(ValueError, match="DeepEmbed"):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_base_model_loads_from_a_causal_lm_checkpoint(tmp_path):
+    """AutoModel on a causal-LM folder (its auto_map advertises it) loads everything but the head, as transformers'
+    own base models do, from the packed x_x layout too; a missing weight is still an error."""
+    from transformers import AutoModel
+
+    official = random_official_weights(hidden=128, layers=2, seed=14)
+    ids = torch.tensor([TOKENS])
+    with torch.no_grad():
+        expected = build_model(official).model(ids).last_hidden_state
+    for packed in (False, True):
+        folder = write_model_dir(tmp_path / f"packed{packed}", official, pack_x_x=packed)
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        assert type(base).__name__ == "RWKV7Model"
+        with torch.no_grad():
+            torch.testing.assert_close(base(ids).last_hidden_state, expected, rtol=0, atol=0)
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.ffn.key.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"Missing weights: \['layers.1.ffn.key.weight'\]"):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_wrong_shapes_are_named_with_both_shapes(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    official = random_official_weights(hidden=128, layers=2, seed=15)
+    folder = write_model_dir(tmp_path / "r_k", official)
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.1.attn.r_k"] = torch.zeros(2, 32)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.layers.1.attn.r_k is \[2, 32\] in the checkpoint and \[2, 64\] in the model"):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+    folder = write_model_dir(tmp_path / "vocab", official, vocab_size=98)  # 97 rows stored
+    with pytest.raises(ValueError) as error:
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    for name in ("model.embeddings.weight", "lm_head.weight"):
+        assert f"{name} is [97, 128] in the checkpoint and [98, 128] in the model" in str(error.value)
+    # asked for explicitly, mismatched weights are left newly initialised, as transformers does
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, ignore_mismatched_sizes=True)
+    assert model.lm_head.weight.shape == (98, 128)
+
+
+def test_empty_input_is_a_clear_error():
+    model = build_model(random_official_weights(hidden=128, layers=1, seed=16))
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"empty \(shape \(2, 0\)\)"):
+        model(empty)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(empty, max_new_tokens=2)

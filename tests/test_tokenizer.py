@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import threading
 import unicodedata
@@ -19,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from helpers import run_python  # noqa: E402
 from tokenization_rwkv7 import RWKV7Tokenizer, VOCAB_SHA256_LF, load_rwkv_vocab  # noqa: E402
 
 TOKENIZER_FILES = [
@@ -285,7 +285,7 @@ def test_generation_config_stops_on_turn_end(tok):
 
 
 _LOAD_SCRIPT = r"""
-import json, sys, time
+import json, time
 from transformers import AutoTokenizer
 t = time.perf_counter()
 tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
@@ -297,11 +297,8 @@ print(json.dumps({"cls": type(tok).__name__, "ids": tok("Hello world<|endoftext|
 
 
 def _run_loader(target, env_extra, tmp_path):
-    env = dict(os.environ)
-    env.update(env_extra)
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    out = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, target], env=env, capture_output=True, text=True,
-                         timeout=300)
+    env = {**env_extra, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = run_python(_LOAD_SCRIPT.replace("sys.argv[1]", repr(target)), env=env, cwd="/", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

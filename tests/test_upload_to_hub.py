@@ -4,13 +4,12 @@ update-code would send (the network boundary is replaced at the HfApi methods on
 import json
 import os
 import shutil
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_python
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from official import REPO, copy_code, official_model, random_official_weights, write_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -41,11 +40,17 @@ def full_model_error(folder, official_sd, dtype, tmp_path, tokens=TOKENS):
     return rel_err(logits, reference)
 
 
-def run_cli(*args, cwd=REPO):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "upload_to_hub.py"), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True
-    )
+def run_cli(*args):
+    """The command line as maintainers run it: a new process, started outside the checkout."""
+    return run_python(script=REPO / "upload_to_hub.py", args=args, cwd="/", env={"HF_HUB_OFFLINE": "1"})
+
+
+def cli_error(*args):
+    """The message `upload_to_hub.py ARGS` exits with (run in this process)."""
+    with pytest.raises(SystemExit) as exit_info:
+        upload_to_hub.main([str(a) for a in args])
+    assert isinstance(exit_info.value.code, str), exit_info.value.code
+    return exit_info.value.code
 
 
 def leftovers(parent, name):
@@ -179,12 +184,11 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("kind", REFUSALS)
-def test_convert_refuses_and_leaves_nothing(tmp_path, kind):
+def test_convert_refuses_and_leaves_nothing(tmp_path, kind, capsys):
     bad_checkpoint(kind, tmp_path / "bad.pth")
-    result = run_cli("convert", tmp_path / "bad.pth", tmp_path / "out", "--tokenizer", "none")
-    assert result.returncode != 0
-    assert REFUSALS[kind] in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and "PAYLOAD RAN" not in result.stdout + result.stderr
+    message = cli_error("convert", tmp_path / "bad.pth", tmp_path / "out", "--tokenizer", "none")
+    assert message.startswith("error: ") and REFUSALS[kind] in message, message
+    assert "PAYLOAD RAN" not in "".join(capsys.readouterr())
     assert leftovers(tmp_path, "out") == []
 
 
@@ -236,8 +240,8 @@ def converted(tmp_path_factory):
     (folder / "token").write_text("hf_secret")
     (folder / "__pycache__").mkdir()
     (folder / "__pycache__" / "modeling_rwkv7.cpython-311.pyc").write_bytes(b"\0")
-    (folder / "kernels" / "__pycache__").mkdir()
-    (folder / "kernels" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    (folder / "rwkv7_kernels" / "__pycache__").mkdir()
+    (folder / "rwkv7_kernels" / "__pycache__" / "x.pyc").write_bytes(b"\0")
     (folder / "model-old.safetensors").write_bytes(b"stale")
     return folder
 
@@ -306,7 +310,7 @@ def expected_upload(folder):
 
 
 def test_push_dry_run_lists_exactly_the_allow_listed_files(converted, monkeypatch, capsys):
-    hub = FakeHub(monkeypatch, remote_files={"config.json", "pytorch_model.bin", "README.md", "kernels/old.py"})
+    hub = FakeHub(monkeypatch, remote_files={"config.json", "pytorch_model.bin", "README.md", "rwkv7_kernels/old.py"})
     upload_to_hub.main(["push", str(converted), "--repo", "org/rwkv7-test", "--dry-run"])
     out, err = capsys.readouterr()
     files = expected_upload(converted)
@@ -346,8 +350,8 @@ def test_push_refuses_an_incomplete_folder(converted, tmp_path, monkeypatch):
     FakeHub(monkeypatch)
     folder = tmp_path / "incomplete"
     shutil.copytree(converted, folder)
-    (folder / "kernels" / "__init__.py").unlink()
-    with pytest.raises(FileNotFoundError, match="kernels/__init__.py"):
+    (folder / "rwkv7_kernels" / "__init__.py").unlink()
+    with pytest.raises(FileNotFoundError, match="rwkv7_kernels/__init__.py"):
         upload_to_hub.push(folder, "org/x", dry_run=True)
 
 
@@ -358,7 +362,8 @@ def test_push_refuses_an_incomplete_folder(converted, tmp_path, monkeypatch):
 
 def old_fla_hub_repo(folder, sd):
     """A repo as older fla-hub uploads look: fla shims for code, no auto_map, packed attn.x_x weights, the
-    World vocab with an older tokenizer, and a kernel file this package no longer has."""
+    World vocab with an older tokenizer, a kernel file this package no longer has, and the kernels folder under its
+    name before the rename (kernels/, which shadowed the `kernels` package transformers 5.25 imports)."""
     write_model_dir(folder, sd, pack_x_x=True, with_code=False)
     config = json.loads((folder / "config.json").read_text())
     del config["auto_map"]
@@ -367,8 +372,10 @@ def old_fla_hub_repo(folder, sd):
     (folder / "modeling_rwkv7.py").write_text("from fla.models.rwkv7.modeling_rwkv7 import RWKV7ForCausalLM, RWKV7Model\n")
     (folder / "configuration_rwkv7.py").write_text("from fla.models.rwkv7.configuration_rwkv7 import RWKV7Config\n")
     (folder / "hf_rwkv_tokenizer.py").write_text("class RwkvTokenizer: ...\n")
+    (folder / "rwkv7_kernels").mkdir()
+    (folder / "rwkv7_kernels" / "old_kernel.py").write_text("")
     (folder / "kernels").mkdir()
-    (folder / "kernels" / "old_kernel.py").write_text("")
+    (folder / "kernels" / "__init__.py").write_text("")
     tokenizer_config = {
         "tokenizer_class": "RwkvTokenizer",
         "auto_map": {"AutoTokenizer": ["hf_rwkv_tokenizer.RwkvTokenizer", None]},
@@ -395,11 +402,11 @@ def test_update_code_migrates_an_old_fla_hub_repo_once(tmp_path, monkeypatch, ca
     adds = sorted(set(upload_to_hub.MODEL_CODE_FILES) - {"configuration_rwkv7.py", "modeling_rwkv7.py"})
     adds += ["generation_config.json", "special_tokens_map.json", "tokenization_rwkv7.py"]
     changes = ["config.json", "configuration_rwkv7.py", "modeling_rwkv7.py", "tokenizer_config.json"]
-    assert plan[0] == f"org/old: {len(adds)} to add, {len(changes)} to change, 2 to delete"
+    assert plan[0] == f"org/old: {len(adds)} to add, {len(changes)} to change, 3 to delete"
     assert sorted(plan[1:]) == sorted(
         [f"  add     {n}" for n in adds]
         + [f"  change  {n}" for n in changes]
-        + ["  delete  hf_rwkv_tokenizer.py", "  delete  kernels/old_kernel.py"]
+        + ["  delete  hf_rwkv_tokenizer.py", "  delete  rwkv7_kernels/old_kernel.py", "  delete  kernels/__init__.py"]
     )
 
     upload_to_hub.main(["update-code", "--repo", "org/old", "--revision", "main", "--pr"])
@@ -438,14 +445,28 @@ def test_plan_update_keeps_a_non_world_tokenizer(tmp_path):
 
 
 def test_code_file_list_is_the_one_list():
-    kernels = sorted(f"kernels/{p.name}" for p in (REPO / "kernels").glob("*.py"))
-    assert kernels and "kernels/__init__.py" in kernels
+    kernels = sorted(f"rwkv7_kernels/{p.name}" for p in (REPO / "rwkv7_kernels").glob("*.py"))
+    assert kernels and "rwkv7_kernels/__init__.py" in kernels
     assert upload_to_hub.CODE_FILES == ("configuration_rwkv7.py", "modeling_rwkv7.py", *kernels, "tokenization_rwkv7.py")
     assert official.CODE_FILES is upload_to_hub.CODE_FILES
 
 
-def test_cli_help_documents_the_commands():
-    result = run_cli("--help")
-    assert result.returncode == 0
+def test_cli_help_documents_the_commands(capsys):
+    def help_text(*command):
+        with pytest.raises(SystemExit) as exit_info:
+            upload_to_hub.main([*command, "--help"])
+        assert exit_info.value.code == 0
+        return capsys.readouterr().out
+
+    main_help = help_text()
     for text in ("convert MODEL.pth OUT_DIR", "push OUT_DIR --repo", "update-code --repo", "pip install rwkv"):
-        assert text in result.stdout, text
+        assert text in main_help, text
+    for command in ("convert", "push", "update-code"):
+        text = help_text(command)
+        # written for users: what the command does, an example, and a help line for every argument
+        assert f"python upload_to_hub.py {command} " in text.split("example")[1], command
+        for internal in ("Pure:", "`folder`", "returns", "plan_", "\\n"):
+            assert internal not in text, (command, internal)
+        parser = upload_to_hub.build_parser()._subparsers._group_actions[0].choices[command]
+        for action in parser._actions:
+            assert action.help, (command, action.dest)

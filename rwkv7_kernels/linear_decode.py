@@ -33,7 +33,7 @@ def _linear_row_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, N, K, HAS_BIAS: tl.c
     in_rows = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * K
     cols = tl.arange(0, BLOCK_K)
-    # the first weight tile is read before waiting for the previous kernel (no kernel writes it: kernels/pdl.py);
+    # the first weight tile is read before waiting for the previous kernel (no kernel writes it: rwkv7_kernels/pdl.py);
     # each later tile is requested one step ahead of its use
     w = tl.load(w_rows + cols[None, :], mask=in_rows[:, None] & (cols < K)[None, :], other=0.0)
     if PDL:

@@ -55,7 +55,7 @@ def _norm_mix_linear_kernel(x_ptr, ln_w_ptr, ln_b_ptr, prev_ptr, mask_ptr, count
     cols = tl.arange(0, BLOCK_C)
     inside = cols < C
     # the weights first (the tile, whose read from memory is the kernel's cost, then the LayerNorm's and the mix):
-    # no kernel writes them, so they are read before waiting for the previous kernel (kernels/pdl.py)
+    # no kernel writes them, so they are read before waiting for the previous kernel (rwkv7_kernels/pdl.py)
     w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=in_rows[:, None] & inside[None, :], other=0.0)
     ln_w, ln_b = _layer_norm_params(ln_w_ptr, ln_b_ptr, cols, inside, HAS_BIAS)
     mix = tl.load(mix_ptr + cols, mask=inside, other=0.0).to(tl.float32)

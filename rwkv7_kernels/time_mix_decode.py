@@ -102,7 +102,7 @@ def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, a
     row = i_b * C + cols
 
     # the weights first (the LoRAs', then the per-channel ones): no kernel writes them, so they are read before
-    # waiting for the previous kernel (kernels/pdl.py); then every other read up front (the state, the largest,
+    # waiting for the previous kernel (rwkv7_kernels/pdl.py); then every other read up front (the state, the largest,
     # first), so their latencies overlap
     w_up, w_bias = _lora_weights(w_up_ptr, w_bias_ptr, cols, D[0], BLOCK_D[0], True)
     a_up, a_bias = _lora_weights(a_up_ptr, a_bias_ptr, cols, D[1], BLOCK_D[1], True)
