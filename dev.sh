@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Development entry point.
 #   bash dev.sh demo   set up .venv, then chat with a small RWKV-7 model through transformers (--help: options)
-#   bash dev.sh test   set up .venv, check the pins resolve from PyPI, run the test suite (CPU) on the pinned
-#                      transformers and on the newest release, then the loading, generation and tokenizer tests
-#                      on the oldest and newest transformers 4.x this package supports
+#   bash dev.sh test   set up .venv, check the pins resolve from PyPI and every kernel compiles for sm_90, run the
+#                      test suite (CPU) on the pinned transformers and on the newest release, then the loading,
+#                      generation and tokenizer tests on the oldest and newest transformers 4.x it supports
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -51,6 +51,8 @@ case "${1:-}" in
     test)
         setup
         .venv/bin/python ci/check_pins.py
+        .venv/bin/python ci/compile_kernels.py > .cache/compile_kernels.log || { cat .cache/compile_kernels.log; exit 1; }
+        tail -1 .cache/compile_kernels.log
         .venv/bin/python -m pytest -q "${@:2}"
         install_newest_transformers
         if [ "$(transformers_in "$PWD/.cache/transformers-newest")" = "$(transformers_in "")" ]; then
