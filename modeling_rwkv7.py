@@ -8,10 +8,14 @@ flash-linear-attention's, so fla-hub safetensors load as they are. Per layer, in
     x = x + ffn(ffn_norm(x))                         channel mix: token shift, relu(.)^2
     logits = lm_head(norm(x))                        head not tied to the embeddings
 
-The recurrence and the elementwise ops live in the `rwkv7_kernels/` folder beside this file: Triton on CUDA, plain
-PyTorch elsewhere (see `load_kernels` for how this file finds that folder).
+Which code computes a forward is decided once per forward by `choose_path` (the paths: `ForwardPath`): the math above in
+PyTorch, the same with Triton kernels for its non-linear ops, fused kernels for a decoding step, or the replay of a
+CUDA graph of one. `model.set_implementation(...)` switches the choice ("pytorch": PyTorch everywhere). The
+kernels, each beside the PyTorch reference it is tested against, are in the `rwkv7_kernels/` folder beside this
+file (see `load_kernels` for how this file finds it).
 """
 
+import enum
 import hashlib
 import importlib
 import importlib.util
@@ -21,7 +25,9 @@ import shutil
 import sys
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -37,16 +43,238 @@ except ImportError:  # imported straight from a source checkout, whose folder is
     # not an import statement: transformers 4.48's scanner of remote code would count one here as a required package
     RWKV7Config = importlib.import_module("configuration_rwkv7").RWKV7Config
 
+if TYPE_CHECKING:  # for readers and static tools; at run time load_kernels() binds the package found on disk
+    from . import rwkv7_kernels as kernels
+else:
+    kernels = None
+
 
 logger = logging.get_logger(__name__)
-
-# Weights of the official DeepEmbed variant (rwkv7a), which this package does not implement: refused by name.
-DEEP_EMBED_KEY = re.compile(r"\.ffn\.(s_emb|s_emb_x|s0|s1|s2)(\.|$)")
 
 # transformers 5.24 renamed the cache's keyword argument and output field from `past_key_values` to `cache` and
 # warns about the old name. The model takes the cache under either name on every version and returns it under the
 # installed version's name; RWKV7ModelOutput and RWKV7CausalLMOutput also read it as `.cache` before 5.24.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Weights of the official DeepEmbed variant (rwkv7a), which this package does not implement: refused by name, in
+# official (blocks.i.ffn.s_emb.weight) and fla-hub (model.layers.i.ffn.s_emb.weight) checkpoints alike.
+DEEP_EMBED_KEY = re.compile(r"\.ffn\.(s_emb|s_emb_x|s0|s1|s2)(\.|$)")
+
+
+def _repo_folder(name_or_path, revision, allow_patterns, cache_dir=None):
+    """The folder holding `name_or_path`'s files: the folder itself, or the Hub snapshot at `revision`.
+
+    For a Hub repo the files matching `allow_patterns` are fetched if they are not in the cache yet (offline, the
+    cache must have them).
+    """
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=allow_patterns, cache_dir=cache_dir)
+    )
+
+
+def _commit_of_this_file():
+    """The Hub commit this file came from: transformers copies a Hub repo's code into a folder named after the
+    commit it was downloaded at (in every version from 4.x to 5.x). None for a file that is not such a copy."""
+    name = Path(__file__).resolve().parent.name
+    return name if re.fullmatch(r"[0-9a-f]{40}", name) else None
+
+
+def load_kernels(config=None):
+    """Imports the `rwkv7_kernels/` package that ships with this file and binds it to this module's `kernels`.
+
+    transformers' remote-code loader copies only the flat .py files of a model repo into its module cache, so a
+    package import would fail there. The folder is found on disk instead, in this order:
+      1. next to this file (a source checkout, or a copy that kept the folder): imported as `rwkv7_kernels` when
+         that name leads to this folder (one module for the model and the tests), else by path;
+      2. in the local folder the model was loaded from (`config.name_or_path`);
+      3. in the Hub repo the config came from, at the commit this file came from, so modeling file and kernels
+         always match; with HF_HUB_OFFLINE=1 it comes from the cache.
+    By path, it is imported under a name unique to that path, so two model revisions in one process keep their own.
+    """
+    global kernels
+    if kernels is not None:
+        return kernels
+    folder = Path(__file__).resolve().parent / "rwkv7_kernels"
+    if (folder / "__init__.py").is_file():
+        spec = importlib.util.find_spec("rwkv7_kernels")
+        if spec is not None and spec.origin and Path(spec.origin).resolve().parent == folder:
+            kernels = importlib.import_module("rwkv7_kernels")
+            return kernels
+    else:
+        name_or_path = getattr(config, "name_or_path", "") or ""
+        if not name_or_path:
+            raise ImportError(
+                "modeling_rwkv7.py cannot find its rwkv7_kernels/ folder: it is not next to this file and the config "
+                "does not say where the model came from. Load the model with from_pretrained(path_or_repo_id, "
+                "trust_remote_code=True), or keep rwkv7_kernels/ next to modeling_rwkv7.py."
+            )
+        folder = _repo_folder(name_or_path, _commit_of_this_file(), ["rwkv7_kernels/*.py"]) / "rwkv7_kernels"
+        if not (folder / "__init__.py").is_file():
+            raise ImportError(
+                f"{name_or_path} has no rwkv7_kernels/ folder next to modeling_rwkv7.py (looked in {folder.parent}). "
+                "Upload the whole RWKV-7 code package (upload_to_hub.py update-code) to that repo."
+            )
+    module_name = "rwkv7_kernels_" + hashlib.sha1(str(folder).encode()).hexdigest()[:16]
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            module_name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    kernels = sys.modules[module_name]
+    return kernels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recurrent state
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class LayerState(NamedTuple):
+    """One layer's recurrent state: what RWKV-7 carries from one token to the next."""
+
+    wkv: torch.Tensor  # [B, H, K, V] float32: the WKV state (fla's layout, the transpose of the official [H, V, K])
+    attn_shift: torch.Tensor  # [B, C]: the last token's normalised input to the time mix (its token shift)
+    ffn_shift: torch.Tensor  # [B, C]: the same for the channel mix
+
+
+class RWKV7Cache(Cache):
+    """The recurrent state of every layer (LayerState), and the number of tokens it has consumed.
+
+    The state stands for every token seen so far, so a call with a cache passes only the tokens that follow
+    (in `generate` too: pass the new tokens and the cache). Copy a cache with `copy.deepcopy` to branch from it;
+    a forward updates the cache it is given in place. Every change to the states goes through the methods below.
+    """
+
+    is_compileable = False
+
+    def __init__(self):
+        if isinstance(self, nn.Module):  # transformers < 4.53: Cache is an nn.Module
+            nn.Module.__init__(self)
+        self.states: list[LayerState] = []
+        self.num_seen_tokens = 0  # tokens the state has consumed (padding included)
+
+    def __len__(self):
+        return len(self.states)
+
+    def __repr__(self):
+        return f"RWKV7Cache(layers={len(self)}, batch_size={self.batch_size}, num_seen_tokens={self.num_seen_tokens})"
+
+    # read-only views, one list per kind of state
+    @property
+    def wkv(self):
+        return [state.wkv for state in self.states]
+
+    @property
+    def attn_shift(self):
+        return [state.attn_shift for state in self.states]
+
+    @property
+    def ffn_shift(self):
+        return [state.ffn_shift for state in self.states]
+
+    @property
+    def batch_size(self):
+        return self.states[0].wkv.shape[0] if self.states else 0
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Every layer's state is a linear-attention state (transformers 5.24's generate asks: it then does not
+        look for already cached positions of the input)."""
+        return [True] * len(self)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Always 0. `generate` asks how many of the given tokens the cache already holds, to skip them; an RWKV
+        cache holds none of the tokens it is given (see the class docstring). `num_seen_tokens` counts what it holds."""
+        return 0
+
+    def layer(self, layer_idx, batch_size, config, device, dtype) -> LayerState:
+        """The state of layer `layer_idx`; zeros before its first update."""
+        if layer_idx == len(self.states):
+            H, N, C = config.num_heads, config.head_dim, config.hidden_size
+            return LayerState(
+                torch.zeros(batch_size, H, N, N, dtype=torch.float32, device=device),
+                torch.zeros(batch_size, C, dtype=dtype, device=device),
+                torch.zeros(batch_size, C, dtype=dtype, device=device),
+            )
+        return self.states[layer_idx]
+
+    def update(self, layer_idx, state: LayerState):
+        """Stores layer `layer_idx`'s state after a forward (the same tensors after a decoding step, which updates
+        them in place)."""
+        if layer_idx == len(self.states):
+            self.states.append(state)
+        else:
+            self.states[layer_idx] = state
+
+    def advance(self, num_tokens):
+        """Counts the tokens of a forward, once every layer has consumed them."""
+        self.num_seen_tokens += num_tokens
+
+    def fit_batch(self, batch_size):
+        """Makes the cache serve `batch_size` rows: unchanged if it has that many; a cache of n rows serves k * n
+        rows by repeating each of its rows k times, in place (as generate expands the rows of a prompt for
+        num_return_sequences and beams). Any other batch size is an error."""
+        if not self.states or self.batch_size == batch_size:
+            return
+        if batch_size % self.batch_size:
+            raise ValueError(
+                f"the cache holds {self.batch_size} sequences but the input has {batch_size}; pass a cache of the same "
+                "batch size, or one whose batch size divides the input's (each of its rows then serves several)"
+            )
+        self.batch_repeat_interleave(batch_size // self.batch_size)
+
+    def _map(self, fn):
+        self.states = [LayerState(*map(fn, state)) for state in self.states]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Beam search: row i of the new cache is row beam_idx[i] of the old one (in place: a decoding CUDA graph
+        keeps using the same tensors)."""
+        for state in self.states:
+            for tensor in state:
+                tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._map(lambda t: t[indices.to(t.device)])
+
+    def crop(self, max_length: int):
+        raise NotImplementedError(
+            "An RWKV-7 state cannot be rewound to an earlier token; keep a copy.deepcopy of the cache instead."
+        )
+
+    def reset(self):
+        self._map(torch.zeros_like)
+        self.num_seen_tokens = 0
+
+    # A CUDA graph of a decoding step reads and writes fixed tensors. Rather than copying states in and out at every
+    # step, a cache being decoded uses the graph's tensors as its own (borrow_tensors_of) until another cache comes,
+    # when it gets copies back (own_copies): no two caches ever share a tensor.
+
+    def borrow_tensors_of(self, other: "RWKV7Cache"):
+        """Copies this cache's states into `other`'s tensors, then uses those tensors as its own."""
+        for mine, theirs in zip(self.states, other.states):
+            torch._foreach_copy_(list(theirs), list(mine))
+        self.states = list(other.states)
+
+    def shares_tensors_with(self, other: "RWKV7Cache"):
+        return len(self) == len(other) and all(
+            a is b for mine, theirs in zip(self.states, other.states) for a, b in zip(mine, theirs)
+        )
+
+    def own_copies(self):
+        """Replaces every state tensor by a copy of it."""
+        self._map(torch.clone)
 
 
 def _check_not_empty(inputs):
@@ -80,220 +308,151 @@ class RWKV7CausalLMOutput(CausalLMOutputWithPast):
     if CACHE_NAME != "cache":
         cache = property(lambda self: self.past_key_values)
 
-# The bundled rwkv7_kernels/ package, imported by load_kernels() when the first model is built.
-kernels = None
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which code runs a forward
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def _repo_folder(name_or_path, revision, allow_patterns, cache_dir=None):
-    """The folder holding `name_or_path`'s files: the folder itself, or the Hub snapshot at `revision`.
+class ForwardPath(enum.Enum):
+    """The code that computes one forward: choose_path picks it once per forward, and every layer runs it."""
 
-    For a Hub repo the files matching `allow_patterns` are fetched if they are not in the cache yet (offline, the
-    cache must have them).
+    DECODE_GRAPH = "replays a CUDA graph of a DECODE_TRITON or DECODE_PYTORCH step (RWKV7DecodeGraph)"
+    DECODE_TRITON = "one token per row: the whole block in fused Triton kernels (decode_block_triton)"
+    DECODE_PYTORCH = "one token per row: the block's math in PyTorch, its time mix tuned for the CPU"
+    SEQUENCE_TRITON = "the block's math, token shifts and time mix in Triton kernels: no autograd, no padding"
+    SEQUENCE_TRITON_WKV = "the block's math in PyTorch, WKV-7 in the chunked Triton kernel (with its backward)"
+    SEQUENCE_PYTORCH = "the block's math in PyTorch"
+
+
+# what set_implementation takes
+IMPLEMENTATIONS = {
+    "auto": "Triton kernels on CUDA where triton is usable, with CUDA graphs of decoding steps; PyTorch elsewhere",
+    "triton": "the Triton kernels wherever a path has them, on any device (on the CPU under TRITON_INTERPRET=1), "
+    "without CUDA graphs",
+    "pytorch": "plain PyTorch everywhere: the references the kernels are tested against",
+}
+
+
+def choose_path(model, inputs, cache, attention_mask, graphable=False) -> ForwardPath:
+    """The path of one forward of `model` (an RWKV7PreTrainedModel) on `inputs` (input_ids [B, T] or inputs_embeds
+    [B, T, C]) with `cache` (an RWKV7Cache or None) and `attention_mask` (this call's, None without padding).
+
+    A decoding step (one token per row, a cache, no autograd) runs
+        DECODE_GRAPH    if `graphable` (only token ids and a cache of every layer and of this batch size in, only
+                        logits out), with implementation "auto", the model in eval mode on one CUDA device;
+        DECODE_TRITON   if the kernels can run and every projection is a plain nn.Linear (the kernels read the
+                        weights: not a PEFT or quantised layer, nor one accelerate moves or offloads around calls);
+        DECODE_PYTORCH  otherwise.
+    A sequence runs SEQUENCE_TRITON if the kernels can run and there is no autograd or padding, SEQUENCE_TRITON_WKV
+    if they can run, SEQUENCE_PYTORCH otherwise.
+    The kernels can run with implementation "triton"; with "auto" where triton is usable (kernels.HAS_TRITON), the
+    inputs are on CUDA and the heads 64 wide.
     """
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path)
-    from huggingface_hub import snapshot_download
-
-    return Path(
-        snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=allow_patterns, cache_dir=cache_dir)
-    )
-
-
-def _commit_of_this_file():
-    """The Hub commit this file came from: transformers copies a Hub repo's code into a folder named after the
-    commit it was downloaded at (in every version from 4.x to 5.x). None for a file that is not such a copy."""
-    name = Path(__file__).resolve().parent.name
-    return name if re.fullmatch(r"[0-9a-f]{40}", name) else None
-
-
-def load_kernels(config=None):
-    """Imports the `rwkv7_kernels/` package that ships with this file and binds it to this module's `kernels` name.
-
-    transformers' remote-code loader copies only the flat .py files of a model repo into its module cache, so a
-    package import would fail there. The folder is found on disk instead, in this order:
-      1. next to this file (a source checkout, or a copy that kept the folder);
-      2. in the local folder the model was loaded from (`config.name_or_path`);
-      3. in the Hub repo the config came from, at the commit this file came from, so modeling file and kernels
-         always match; with HF_HUB_OFFLINE=1 it comes from the cache.
-    It is imported under a name unique to its path, so two model revisions in one process keep their own kernels.
-    """
-    global kernels
-    if kernels is not None:
-        return kernels
-    folder = Path(__file__).resolve().parent / "rwkv7_kernels"
-    if not (folder / "__init__.py").is_file():
-        name_or_path = getattr(config, "name_or_path", "") or ""
-        if not name_or_path:
-            raise ImportError(
-                "modeling_rwkv7.py cannot find its rwkv7_kernels/ folder: it is not next to this file and the config does "
-                "not say where the model came from. Load the model with from_pretrained(path_or_repo_id, "
-                "trust_remote_code=True), or keep rwkv7_kernels/ next to modeling_rwkv7.py."
-            )
-        folder = _repo_folder(name_or_path, _commit_of_this_file(), ["rwkv7_kernels/*.py"]) / "rwkv7_kernels"
-        if not (folder / "__init__.py").is_file():
-            raise ImportError(
-                f"{name_or_path} has no rwkv7_kernels/ folder next to modeling_rwkv7.py (looked in {folder.parent}). "
-                "Upload the whole RWKV-7 code package (upload_to_hub.py update-code) to that repo."
-            )
-    module_name = "rwkv7_kernels_" + hashlib.sha1(str(folder).encode()).hexdigest()[:16]
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            module_name, folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[module_name]
-            raise
-    kernels = sys.modules[module_name]
-    return kernels
-
-
-class RWKV7Cache(Cache):
-    """The recurrent state of every layer: what RWKV-7 carries from one call to the next.
-
-    Per layer: `wkv` [B, H, K, V] float32 (the WKV state, fla's layout: the transpose of the official [H, V, K]),
-    `attn_shift` and `ffn_shift` [B, C] (the last token's normalised input to the time and channel mix).
-
-    The state stands for every token seen so far, so a call with a cache passes only the tokens that follow
-    (in `generate` too: pass the new tokens and the cache). Copy a cache with `copy.deepcopy` to branch from it;
-    a forward updates the cache it is given in place.
-    """
-
-    is_compileable = False
-
-    def __init__(self):
-        if isinstance(self, nn.Module):  # transformers < 4.53: Cache is an nn.Module
-            nn.Module.__init__(self)
-        self.wkv: list[torch.Tensor] = []
-        self.attn_shift: list[torch.Tensor] = []
-        self.ffn_shift: list[torch.Tensor] = []
-        self.num_seen_tokens = 0  # tokens the state has consumed (padding included)
-
-    def __len__(self):
-        return len(self.wkv)
-
-    def __repr__(self):
-        return f"RWKV7Cache(layers={len(self)}, batch_size={self.batch_size}, num_seen_tokens={self.num_seen_tokens})"
-
-    @property
-    def batch_size(self):
-        return self.wkv[0].shape[0] if self.wkv else 0
-
-    @property
-    def is_linear(self) -> list[bool]:
-        """Every layer's state is a linear-attention state (transformers 5.24's generate asks: it then does not
-        look for already cached positions of the input)."""
-        return [True] * len(self)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Always 0. `generate` asks how many of the given tokens the cache already holds, to skip them; an RWKV
-        cache holds none of the tokens it is given (see the class docstring). `num_seen_tokens` counts what it holds."""
-        return 0
-
-    def layer_states(self, layer_idx, batch_size, config, device, dtype):
-        """(wkv, attn_shift, ffn_shift) of one layer; zeros before the layer's first update."""
-        if layer_idx == len(self.wkv):
-            H, N, C = config.num_heads, config.head_dim, config.hidden_size
-            return (
-                torch.zeros(batch_size, H, N, N, dtype=torch.float32, device=device),
-                torch.zeros(batch_size, C, dtype=dtype, device=device),
-                torch.zeros(batch_size, C, dtype=dtype, device=device),
-            )
-        if self.wkv[layer_idx].shape[0] != batch_size:
+    implementation = model.implementation
+    head_size = model.config.head_dim
+    if implementation == "triton":
+        if not kernels.HAS_TRITON or head_size != kernels.KERNEL_HEAD_SIZE:
             raise ValueError(
-                f"the cache holds {self.wkv[layer_idx].shape[0]} sequences but the input has {batch_size}; "
-                "pass a cache of the same batch size, or one whose batch size divides the input's"
+                f"implementation 'triton' needs triton >= {'.'.join(map(str, kernels.MIN_TRITON))} and heads of "
+                f"{kernels.KERNEL_HEAD_SIZE} (this model's: {head_size}); use 'auto' or 'pytorch'"
             )
-        return self.wkv[layer_idx], self.attn_shift[layer_idx], self.ffn_shift[layer_idx]
+        kernels_run = True
+    else:
+        kernels_run = (
+            implementation == "auto" and kernels.HAS_TRITON and inputs.is_cuda
+            and head_size == kernels.KERNEL_HEAD_SIZE
+        )
+    grad = torch.is_grad_enabled()
+    if inputs.shape[1] == 1 and cache is not None and not grad:
+        if (
+            graphable
+            and implementation == "auto"
+            and inputs.is_cuda
+            and len(cache) == model.config.num_hidden_layers
+            and cache.batch_size == inputs.shape[0]
+            and not model.training
+            and not torch.cuda.is_current_stream_capturing()
+            and model.on_one_cuda_device()
+        ):
+            return ForwardPath.DECODE_GRAPH
+        return ForwardPath.DECODE_TRITON if kernels_run and _kernels_can_read_projections(model) else ForwardPath.DECODE_PYTORCH
+    if kernels_run:
+        return ForwardPath.SEQUENCE_TRITON if not grad and attention_mask is None else ForwardPath.SEQUENCE_TRITON_WKV
+    return ForwardPath.SEQUENCE_PYTORCH
 
-    def update_layer(self, layer_idx, wkv, attn_shift, ffn_shift):
-        if layer_idx == len(self.wkv):
-            self.wkv.append(wkv)
-            self.attn_shift.append(attn_shift)
-            self.ffn_shift.append(ffn_shift)
+
+def _kernels_can_read_projections(model):
+    """Whether the decoding kernels may read the weights of the layers and the head: every module below the blocks
+    is one this file made (no PEFT or quantised layer in their place), and none is hooked by accelerate to move or
+    offload its weights around each call (it keeps the hook in the instance __dict__; a hook on a whole block only
+    moves its inputs to the block's device, before the kernels run)."""
+    own = (RWKV7TimeMix, RWKV7ChannelMix, LoRA, nn.Sequential, nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Tanh,
+           nn.Sigmoid, nn.Identity)
+    head = model.get_output_embeddings()  # decoding runs the head's matrix-vector product in a kernel too
+    return all(
+        type(module) in own and "_hf_hook" not in module.__dict__
+        for block in model.base_model.layers
+        for child in block.children()
+        for module in child.modules()
+    ) and (head is None or (type(head) is nn.Linear and "_hf_hook" not in head.__dict__))
+
+
+@dataclass
+class ForwardContext:
+    """What the layers of one forward share besides their inputs."""
+
+    path: ForwardPath
+    attention_mask: torch.Tensor | None  # [B, T] of this call's tokens, 1 = token, 0 = padding; None: no padding
+    in_place: bool  # a decoding step: states are updated where they lie (a CUDA graph of the step owns them)
+
+    def __post_init__(self):
+        # (shift_mix, time_mix): the implementations of the block's two non-linear ops on this path, for the paths
+        # that run the block's math; same arguments and results as the references (rwkv7_kernels/ops_reference.py)
+        reference = kernels.ops_reference
+        if self.path is ForwardPath.SEQUENCE_TRITON:
+            self.ops = kernels.norm_shift_mix_fused.norm_shift_mix_fused, kernels.time_mix_sequence.time_mix_sequence
+        elif self.path is ForwardPath.SEQUENCE_TRITON_WKV:
+            chunked = partial(reference.time_mix_reference, wkv7=kernels.wkv7_chunk.chunk_wkv7)
+            self.ops = reference.shift_mix_reference, chunked
+        elif self.path is ForwardPath.DECODE_PYTORCH:
+            self.ops = reference.shift_mix_reference, kernels.torch_decode.time_mix_step
         else:
-            self.wkv[layer_idx], self.attn_shift[layer_idx], self.ffn_shift[layer_idx] = wkv, attn_shift, ffn_shift
+            self.ops = reference.shift_mix_reference, reference.time_mix_reference
 
-    def _apply_to_all(self, fn):
-        for states in (self.wkv, self.attn_shift, self.ffn_shift):
-            states[:] = [fn(s) for s in states]
 
-    def reorder_cache(self, beam_idx: torch.LongTensor):
-        """Beam search: row i of the new cache is row beam_idx[i] of the old one (in place: a decoding CUDA graph
-        keeps using the same tensors)."""
-        for states in (self.wkv, self.attn_shift, self.ffn_shift):
-            for s in states:
-                s.copy_(s.index_select(0, beam_idx.to(s.device)))
-
-    def batch_repeat_interleave(self, repeats: int):
-        self._apply_to_all(lambda s: s.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor):
-        self._apply_to_all(lambda s: s[indices.to(s.device)])
-
-    def crop(self, max_length: int):
-        raise NotImplementedError(
-            "An RWKV-7 state cannot be rewound to an earlier token; keep a copy.deepcopy of the cache instead."
+def _padding_mask(attention_mask, inputs):
+    """This call's part of `attention_mask` ([B, S >= T]: generate passes the mask of the whole sequence so far, whose
+    last T columns belong to this call), or None when there is no padding to skip."""
+    if attention_mask is None:
+        return None
+    B, T = inputs.shape[:2]
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+        raise ValueError(
+            f"attention_mask must be [batch, >= {T}] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}"
         )
-
-    def reset(self):
-        self._apply_to_all(torch.zeros_like)
-        self.num_seen_tokens = 0
-
-
-def _plain_linear(module):
-    """An nn.Linear whose weight the kernels may read directly: not a PEFT or quantised layer, and not hooked by
-    accelerate (which moves or offloads its weight around each call, and keeps its hook in the instance __dict__:
-    looked up there, not with a hasattr that would fail through nn.Module's slow __getattr__)."""
-    return type(module) is nn.Linear and "_hf_hook" not in module.__dict__
+    attention_mask = attention_mask[:, -T:]
+    if T > 1 and bool(attention_mask.all()):
+        # no padding (generate passes a mask even for one prompt): the paths without padding run fused kernels. One
+        # host sync per prompt; decoding steps keep their mask and need none.
+        return None
+    return attention_mask
 
 
-def linear(module, x, activation=None, residual=None):
-    """residual + activation(module(x)). A plain nn.Linear goes through kernels.linear, which fuses the three on
-    CUDA for batch-1 decoding; any other layer (PEFT, quantised, or hooked by accelerate to move or offload its
-    weights) runs itself, then the activation and residual."""
-    if _plain_linear(module):
-        # read straight from _parameters: this runs for every projection of a decoding step, and on CPython 3.11
-        # `module.weight` first fails a plain lookup, formatting an AttributeError, before Module.__getattr__
-        # answers (about 1 us each, a good part of a CPU decoding step's Python time)
-        params = module._parameters
-        return kernels.linear(x, params["weight"], params["bias"], activation, residual)
-    return kernels.apply_activation(module(x), activation, residual)
-
-
-def norm_mix_project(x, norm, shift_state, projections, attention_mask, decoding):
-    """The input side of a time or channel mix: x normalised by `norm`, token-shifted, one lerp per projection, and
-    the projections: [activation(module(xn + (xn_prev - xn) * mix))] for (mix, module, activation) in projections.
-
-    Returns (the outputs in order, the new shift state). A decoding step on CUDA with plain nn.Linear modules runs
-    the fused kernels (kernels.fused_norm_mix_linear); otherwise norm/shift/lerps, then each module.
-    """
-    if decoding and kernels.fused_decoding(x) and all(_plain_linear(m) for _, m, _ in projections):
-        outputs = kernels.fused_norm_mix_linear(
-            x, norm.weight, norm.bias, norm.eps, shift_state, [(mix, m.weight, act) for mix, m, act in projections],
-            attention_mask,
-        )
-        return outputs, shift_state
-    mixes = [mix for mix, _, _ in projections]
-    mixed, last_x = kernels.norm_shift_mix(
-        x, norm.weight, norm.bias, norm.eps, shift_state, mixes, attention_mask, in_place=decoding
-    )
-    return [linear(m, xm, act) for xm, (_, m, act) in zip(mixed, projections)], last_x
+# ---------------------------------------------------------------------------------------------------------------
+# The layers
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class LoRA(nn.Module):
-    """x -> act(x A) B (+ bias): the low-rank projections of the time mix (fla's `lora.0`, `lora.2`). The time mix
-    applies the two halves itself (`down`, `up`): the down-projection is fused with the other input projections."""
+    """x -> activation(x A) B (+ bias): the low-rank projections of the time mix (fla's `lora.0`, `lora.2`)."""
 
-    ACTIVATIONS = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: None}
+    MODULES = {None: nn.Identity, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
-    def __init__(self, dim: int, rank: int, activation: nn.Module, bias: bool):
+    def __init__(self, dim: int, rank: int, activation: str | None, bias: bool):
         super().__init__()
-        self.lora = nn.Sequential(nn.Linear(dim, rank, bias=False), activation, nn.Linear(rank, dim, bias=bias))
-        self.activation = self.ACTIVATIONS[type(activation)]
+        self.activation = activation  # the name the kernels take (rwkv7_kernels/common.py)
+        self.lora = nn.Sequential(nn.Linear(dim, rank, bias=False), self.MODULES[activation](), nn.Linear(rank, dim, bias=bias))
 
     @property
     def down(self):
@@ -303,9 +462,13 @@ class LoRA(nn.Module):
     def up(self):
         return self.lora[2]
 
+    def forward(self, x):
+        return self.lora(x)
+
 
 class RWKV7TimeMix(nn.Module):
-    """The attention replacement: six token-shift lerps, the LoRAs, the WKV-7 recurrence, GroupNorm, the gate."""
+    """The attention replacement: six token-shift lerps, the projections and LoRAs, the WKV-7 recurrence, GroupNorm,
+    the bonus and the gate."""
 
     def __init__(self, config: RWKV7Config, layer_idx: int):
         super().__init__()
@@ -321,54 +484,37 @@ class RWKV7TimeMix(nn.Module):
         self.k_proj = nn.Linear(C, C, bias=False)
         self.v_proj = nn.Linear(C, C, bias=False)
         self.o_proj = nn.Linear(C, C, bias=False)
-        self.w_lora = LoRA(C, config.decay_low_rank_dim, nn.Tanh(), bias=True)
-        self.a_lora = LoRA(C, config.a_low_rank_dim, nn.Identity(), bias=True)
+        self.w_lora = LoRA(C, config.decay_low_rank_dim, "tanh", bias=True)
+        self.a_lora = LoRA(C, config.a_low_rank_dim, None, bias=True)
         if layer_idx > 0:  # layer 0 produces v_first; the others mix it in
-            self.v_lora = LoRA(C, config.v_low_rank_dim, nn.Identity(), bias=True)
-        self.g_lora = LoRA(C, config.gate_low_rank_dim, nn.Sigmoid(), bias=False)
+            self.v_lora = LoRA(C, config.v_low_rank_dim, None, bias=True)
+        self.g_lora = LoRA(C, config.gate_low_rank_dim, "sigmoid", bias=False)
         self.g_norm = nn.GroupNorm(H, C, eps=N * config.norm_eps)
 
-    def forward(self, x, norm, v_first, wkv_state, shift_state, attention_mask, decoding):
-        """x [B, T, C] (the residual stream, normalised here by `norm`, the block's attn_norm); wkv_state
-        [B, H, K, V] float32 or None (no cache); shift_state [B, C].
+    def mixes(self):
+        """The token-shift lerps' weights, for r, w, k, v, a, g."""
+        return self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g
 
-        Returns (x + the time mix's output, v_first, new wkv_state, new shift_state). When `decoding` (one token, a
-        cache, no autograd) the states are updated in place and returned, so a CUDA graph of the step can own them;
-        otherwise the new states are new tensors (wkv_state None without a cache).
-        """
-        # r, k, v and the LoRA down-projections, all reading lerps of the normalised x
-        loras = {"w": (self.x_w, self.w_lora), "a": (self.x_a, self.a_lora), "g": (self.x_g, self.g_lora)}
-        if self.layer_idx > 0:
-            loras["v"] = (self.x_v, self.v_lora)
-        projections = [(self.x_r, self.r_proj, None), (self.x_k, self.k_proj, None), (self.x_v, self.v_proj, None)]
-        projections += [(mix, lora.down, lora.activation) for mix, lora in loras.values()]
-        (r, k, v, *hidden), last_x = norm_mix_project(x, norm, shift_state, projections, attention_mask, decoding)
-        hidden = dict(zip(loras, hidden))  # "w" -> tanh(x_w W1), ...
+    def params(self):
+        return kernels.TimeMixParams(
+            self.k_k, self.k_a, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps
+        )
 
-        # the LoRA up-projections, the decay, kk, the k update, the v_first mix, WKV-7, GroupNorm, the bonus and
-        # the gate: see rwkv7_kernels/ops_reference.py (time_mix_reference)
-        params = (self.k_k, self.k_a, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps)
-        ups = {name: lora.up for name, (_, lora) in loras.items()}
-        if (
-            decoding
-            and kernels.fused_decoding(x, head_dim=self.r_k.shape[1])
-            and all(_plain_linear(up) for up in ups.values())
-        ):
-            def lora(name):  # (hidden activations, up weight, bias) for the fused kernel
-                return (hidden[name], ups[name].weight, ups[name].bias) if name in hidden else None
-
-            y, v_first, wkv_state = kernels.fused_time_mix(
-                r, k, v, lora("w"), lora("a"), lora("v"), lora("g"), v_first, *params, attention_mask, wkv_state
-            )
-        else:
-            def lora(name):  # the LoRA's output
-                return linear(ups[name], hidden[name]) if name in hidden else None
-
-            y, v_first, wkv_state = kernels.time_mix(
-                r, lora("w"), k, v, lora("a"), lora("v"), v_first, lora("g"), *params, attention_mask, wkv_state,
-                in_place=decoding,
-            )
-        return linear(self.o_proj, y, residual=x), v_first, wkv_state, last_x
+    def forward(self, xa, v_first, state: LayerState, ctx: ForwardContext):
+        """xa [B, T, C]: the normalised input, attn_norm(x); v_first: layer 0's v (None entering layer 0).
+        Returns (the time mix's output [B, T, C], v_first, the layer's state with this mix's part updated)."""
+        shift_mix, time_mix = ctx.ops
+        # lerps between each token's xa and the previous token's: x_r = xa + (xa_prev - xa) * self.x_r, ...
+        (x_r, x_w, x_k, x_v, x_a, x_g), attn_shift = shift_mix(
+            xa, state.attn_shift, self.mixes(), attention_mask=ctx.attention_mask, in_place=ctx.in_place
+        )
+        v_gate = self.v_lora(x_v) if self.layer_idx > 0 else None
+        y, v_first, wkv = time_mix(
+            self.r_proj(x_r), self.w_lora(x_w), self.k_proj(x_k), self.v_proj(x_v), self.a_lora(x_a), v_gate,
+            v_first, self.g_lora(x_g), self.params(), state=state.wkv, attention_mask=ctx.attention_mask,
+            in_place=ctx.in_place,
+        )
+        return self.o_proj(y), v_first, state._replace(wkv=wkv, attn_shift=attn_shift)
 
 
 class RWKV7ChannelMix(nn.Module):
@@ -380,11 +526,12 @@ class RWKV7ChannelMix(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.value = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x, norm, shift_state, attention_mask, decoding):
-        """x [B, T, C] (the residual stream, normalised here by `norm`, the block's ffn_norm), shift_state [B, C].
-        Returns (x + the channel mix's output, new shift_state); in place when decoding."""
-        (k,), last_x = norm_mix_project(x, norm, shift_state, [(self.x_k, self.key, "relu2")], attention_mask, decoding)
-        return linear(self.value, k, residual=x), last_x
+    def forward(self, xf, state: LayerState, ctx: ForwardContext):
+        """xf [B, T, C]: the normalised input, ffn_norm(x). Returns (output [B, T, C], the state, ffn_shift updated)."""
+        shift_mix, _ = ctx.ops
+        (x_k,), ffn_shift = shift_mix(xf, state.ffn_shift, (self.x_k,), attention_mask=ctx.attention_mask,
+                                      in_place=ctx.in_place)
+        return self.value(torch.relu(self.key(x_k)).square()), state._replace(ffn_shift=ffn_shift)
 
 
 class RWKV7Block(nn.Module):
@@ -403,18 +550,51 @@ class RWKV7Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
         self.ffn = RWKV7ChannelMix(config)
 
-    def forward(self, x, v_first, wkv_state, attn_shift, ffn_shift, attention_mask):
-        """Returns (x, v_first, new wkv_state, new attn_shift, new ffn_shift).
-
-        Decoding (one token with a cache, no autograd) updates the states in place; see RWKV7TimeMix.forward."""
-        decoding = wkv_state is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
+    def forward(self, x, v_first, state: LayerState, ctx: ForwardContext):
+        """One layer: x [B, T, C], v_first (layer 0's v; None entering layer 0), this layer's state before the call.
+        Returns (x, v_first, the layer's state after the call)."""
+        if ctx.path is ForwardPath.DECODE_TRITON:
+            return decode_block_triton(self, x, v_first, state, ctx)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
-        x, v_first, wkv_state, attn_shift = self.attn(
-            x, self.attn_norm, v_first, wkv_state, attn_shift, attention_mask, decoding
-        )
-        x, ffn_shift = self.ffn(x, self.ffn_norm, ffn_shift, attention_mask, decoding)
-        return x, v_first, wkv_state, attn_shift, ffn_shift
+        out, v_first, state = self.attn(self.attn_norm(x), v_first, state, ctx)
+        x = x + out
+        out, state = self.ffn(self.ffn_norm(x), state, ctx)
+        return x + out, v_first, state
+
+
+def decode_block_triton(block, x, v_first, state, ctx):
+    """RWKV7Block.forward for one decoding step in fused Triton kernels (rwkv7_kernels/decode_step.py), five
+    launches a layer: per mix, its LayerNorm, token shift, lerps and input projections in one kernel; the time mix
+    from the LoRA hidden activations on (the LoRA up-projections included) in another; the residual adds in the
+    output projections. The layer's state is updated in place."""
+    step, attn, ffn, mask = kernels.decode_step, block.attn, block.ffn, ctx.attention_mask
+    if block.pre_norm is not None:
+        x = block.pre_norm(x)
+    loras = {"w": (attn.x_w, attn.w_lora), "a": (attn.x_a, attn.a_lora), "g": (attn.x_g, attn.g_lora)}
+    if attn.layer_idx > 0:
+        loras["v"] = (attn.x_v, attn.v_lora)
+    projections = [(attn.x_r, attn.r_proj.weight, None), (attn.x_k, attn.k_proj.weight, None),
+                   (attn.x_v, attn.v_proj.weight, None)]
+    projections += [(mix, lora.down.weight, lora.activation) for mix, lora in loras.values()]
+    r, k, v, *hidden = step.norm_mix_linear(
+        x, block.attn_norm.weight, block.attn_norm.bias, block.attn_norm.eps, state.attn_shift, projections, mask
+    )
+    ups = {name: (h, lora.up.weight, lora.up.bias) for (name, (_, lora)), h in zip(loras.items(), hidden)}
+    y, v_first, _ = step.time_mix(
+        r, k, v, (ups["w"], ups["a"], ups.get("v"), ups["g"]), v_first, attn.params(), state.wkv, mask
+    )
+    x = step.linear(y, attn.o_proj.weight, residual=x)
+    (key,) = step.norm_mix_linear(
+        x, block.ffn_norm.weight, block.ffn_norm.bias, block.ffn_norm.eps, state.ffn_shift,
+        [(ffn.x_k, ffn.key.weight, "relu2")], mask,
+    )
+    return step.linear(key, ffn.value.weight, residual=x), v_first, state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The models
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class RWKV7PreTrainedModel(PreTrainedModel):
@@ -437,6 +617,28 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     def __init__(self, config: RWKV7Config, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
         load_kernels(config)
+        self.implementation = "auto"  # see set_implementation
+        self._cuda_device = None  # on_one_cuda_device's answer, until the weights move
+
+    def set_implementation(self, implementation: str):
+        """Which code runs this model's forwards, one of IMPLEMENTATIONS: "auto" (the default), "triton" or
+        "pytorch"; choose_path decides within it. Compare "auto" with "pytorch" to debug numerics."""
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")
+        for module in self.modules():
+            if isinstance(module, RWKV7PreTrainedModel):
+                module.implementation = implementation
+
+    def on_one_cuda_device(self):
+        """Whether every weight is on one CUDA device (not split by device_map, not offloaded)."""
+        if self._cuda_device is None:
+            devices = {p.device for p in self.parameters()}
+            self._cuda_device = len(devices) == 1 and next(iter(devices)).type == "cuda"
+        return self._cuda_device
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cuda_device = None  # .to(), .cuda(), .half() ... may move the weights
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -466,7 +668,7 @@ class RWKV7PreTrainedModel(PreTrainedModel):
                 getattr(module, mix).copy_((1.0 - channel ** (power * ratio_1_to_almost0)).view(1, 1, -1))
             C = self.config.hidden_size
             decay_speed = -7 + 5 * (torch.arange(C) / max(C - 1, 1)) ** (0.85 + ratio_0_to_1**0.5)
-            module.w_lora.lora[2].bias.copy_(decay_speed + 0.5)
+            module.w_lora.up.bias.copy_(decay_speed + 0.5)
             module.k_k.fill_(0.85)
             module.k_a.fill_(1.0)
             module.r_k.fill_(-0.04)
@@ -591,6 +793,24 @@ def _read_unpacked_checkpoint(model, folder):
     return state
 
 
+def _check_inputs(input_ids, inputs_embeds, output_attentions):
+    """input_ids or inputs_embeds, whichever was given (exactly one must be), not empty."""
+    if output_attentions:
+        raise ValueError("RWKV-7 has no attention weights to output; call it with output_attentions=False")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    _check_not_empty(inputs)
+    return inputs
+
+
+def _checkpointed_layer(layer, ctx, x, v_first, *state):
+    """layer(x, v_first, LayerState(*state), ctx) with the state as separate tensors in and out, as
+    torch.utils.checkpoint passes them (it sees tensors at the top level only)."""
+    x, v_first, state = layer(x, v_first, LayerState(*state), ctx)
+    return (x, v_first, *state)
+
+
 class RWKV7Model(RWKV7PreTrainedModel):
     def __init__(self, config: RWKV7Config):
         super().__init__(config)
@@ -622,10 +842,16 @@ class RWKV7Model(RWKV7PreTrainedModel):
         """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask [B, T] or [B, S >= T] (generate passes the
         mask of the whole sequence so far: its last T columns belong to this call), 1 = token, 0 = padding.
         cache (or past_key_values, its name before transformers 5.24): an RWKV7Cache, updated in place."""
-        if output_attentions:
-            raise ValueError("RWKV-7 has no attention weights to output; call it with output_attentions=False")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        inputs = _check_inputs(input_ids, inputs_embeds, output_attentions)
+        cache = _one_cache(cache, past_key_values)
+        attention_mask = _padding_mask(attention_mask, inputs)
+        path = choose_path(self, inputs, cache, attention_mask)
+        return self.run(path, input_ids, inputs_embeds, attention_mask, cache, use_cache, output_hidden_states,
+                        return_dict)
+
+    def run(self, path, input_ids, inputs_embeds, attention_mask, cache, use_cache=None, output_hidden_states=None,
+            return_dict=None):
+        """The forward on `path` (choose_path's), with this call's attention mask (_padding_mask's)."""
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -634,51 +860,35 @@ class RWKV7Model(RWKV7PreTrainedModel):
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
-        cache = _one_cache(cache, past_key_values)
 
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
-        _check_not_empty(x)
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
-                raise ValueError(f"attention_mask must be [batch, >= {T}] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}")
-            attention_mask = attention_mask[:, -T:]
-            if T > 1 and bool(attention_mask.all()):
-                # no padding (generate passes a mask even for one prompt): the mask-free sequence path runs fused
-                # kernels. One host sync per prompt; decoding steps (T = 1) keep their mask and need none.
-                attention_mask = None
-        if cache is None and use_cache:
+        if cache is None:  # the states of this call alone; returned with use_cache
             cache = RWKV7Cache()
-        if cache is not None and len(cache) and B != cache.batch_size and B % cache.batch_size == 0:
-            # one state per n rows: branch it, as generate expands the rows (num_return_sequences, beams)
-            cache.batch_repeat_interleave(B // cache.batch_size)
+        cache.fit_batch(B)
+        ctx = ForwardContext(path, attention_mask, in_place=path in (ForwardPath.DECODE_TRITON, ForwardPath.DECODE_PYTORCH))
 
-        all_hidden_states = () if output_hidden_states else None
+        hidden_states = () if output_hidden_states else None
         v_first = None
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
-                all_hidden_states += (x,)
-            if cache is not None:
-                wkv, attn_shift, ffn_shift = cache.layer_states(i, B, self.config, x.device, x.dtype)
-            else:
-                wkv, attn_shift, ffn_shift = None, x.new_zeros(B, x.shape[-1]), x.new_zeros(B, x.shape[-1])
+                hidden_states += (x,)
+            state = cache.layer(i, B, self.config, x.device, x.dtype)
             if self.gradient_checkpointing and self.training:
-                outputs = self._gradient_checkpointing_func(
-                    layer.__call__, x, v_first, wkv, attn_shift, ffn_shift, attention_mask
+                x, v_first, *state = self._gradient_checkpointing_func(
+                    partial(_checkpointed_layer, layer, ctx), x, v_first, *state
                 )
+                state = LayerState(*state)
             else:
-                outputs = layer(x, v_first, wkv, attn_shift, ffn_shift, attention_mask)
-            x, v_first, wkv, attn_shift, ffn_shift = outputs
-            if cache is not None:
-                cache.update_layer(i, wkv, attn_shift, ffn_shift)
+                x, v_first, state = layer(x, v_first, state, ctx)
+            cache.update(i, state)
         x = self.norm(x)
         if output_hidden_states:
-            all_hidden_states += (x,)
-        if cache is not None:
-            cache.num_seen_tokens += T
+            hidden_states += (x,)
+        cache.advance(T)
 
         output = RWKV7ModelOutput(
-            last_hidden_state=x, **{CACHE_NAME: cache if use_cache else None}, hidden_states=all_hidden_states
+            last_hidden_state=x, **{CACHE_NAME: cache if use_cache else None}, hidden_states=hidden_states
         )
         return output if return_dict else output.to_tuple()
 
@@ -696,71 +906,65 @@ def _warmup_stream(device):
 
 class RWKV7DecodeGraph:
     """A CUDA graph of one decoding step of RWKV7ForCausalLM (one token per row, a fixed batch size), replayed
-    instead of launching the step's few hundred kernels one by one from Python.
+    instead of launching the step's kernels one by one from Python.
 
-    The graph reads and updates static state tensors in place. Rather than copying states in and out at every
-    step, it lends those tensors to the cache being decoded: the cache's entries become the static tensors (one
-    copy, on its first graphed step), and stay so while that cache keeps decoding. When another cache comes, the
-    previous one first gets copies of its states back, so no two caches ever share a tensor.
+    It captures the step's forward on the path choose_path picks without graphs (DECODE_TRITON, or DECODE_PYTORCH),
+    which reads and updates the states of its own RWKV7Cache in place. The cache being decoded borrows those tensors
+    (RWKV7Cache.borrow_tensors_of) and keeps them while it goes on decoding; when another cache comes, the previous
+    one first gets copies (own_copies), so no two caches ever share a tensor.
     """
 
     def __init__(self, model, batch_size):
-        p = model.lm_head.weight
-        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)
-        self.attention_mask = torch.ones(batch_size, 1, dtype=torch.long, device=p.device)
+        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.attention_mask = torch.ones(batch_size, 1, dtype=torch.long, device=device)
         self.mask_is_ones = True  # whether attention_mask holds ones: a step without a mask then needs no fill
         self.cache = RWKV7Cache()
         for i in range(model.config.num_hidden_layers):
-            self.cache.update_layer(i, *self.cache.layer_states(i, batch_size, model.config, p.device, p.dtype))
-        self.owner = None  # weak reference to the cache the static states are lent to
-
-        def step():
-            return model._forward_eager(
-                input_ids=self.input_ids, attention_mask=self.attention_mask, cache=self.cache,
-                use_cache=True, return_dict=True,
-            ).logits
+            self.cache.update(i, self.cache.layer(i, batch_size, model.config, device, dtype))
+        self.owner = None  # weak reference to the cache that borrows the states
+        # the module tree the graph was captured on: replacing or hooking a module (PEFT, accelerate) outdates it
+        self.modules = [(parent._modules, name, child) for parent in model.modules() for name, child in parent._modules.items()]
 
         with torch.no_grad():
-            side = _warmup_stream(p.device)  # warm up (compile kernels, set up cuBLAS) off the capturing stream
-            side.wait_stream(torch.cuda.current_stream(p.device))
+            path = choose_path(model, self.input_ids, self.cache, self.attention_mask)
+
+            def step():
+                return model.run(path, self.input_ids, None, self.attention_mask, self.cache, use_cache=True).logits
+
+            side = _warmup_stream(device)  # warm up (compile kernels, set up cuBLAS) off the capturing stream
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(2):
                     step()
-            torch.cuda.current_stream(p.device).wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = step()
 
-    def _states(self, cache):
-        return cache.wkv + cache.attn_shift + cache.ffn_shift
-
-    def _holds(self, cache):
-        return all(mine is theirs for mine, theirs in zip(self._states(self.cache), self._states(cache)))
-
-    def _lend_to(self, cache):
-        owner = self.owner() if self.owner is not None else None
-        if owner is not None and owner is not cache and self._holds(owner):
-            owner.wkv, owner.attn_shift, owner.ffn_shift = (
-                [t.clone() for t in states] for states in (owner.wkv, owner.attn_shift, owner.ffn_shift)
-            )
-        torch._foreach_copy_(self._states(self.cache), self._states(cache))
-        cache.wkv, cache.attn_shift, cache.ffn_shift = (
-            list(states) for states in (self.cache.wkv, self.cache.attn_shift, self.cache.ffn_shift)
+    def is_current(self):
+        """Whether the model still has the modules (and hooks) the graph was captured on."""
+        return all(
+            modules.get(name) is child and "_hf_hook" not in child.__dict__ for modules, name, child in self.modules
         )
-        self.owner = weakref.ref(cache)
 
-    def __call__(self, input_ids, attention_mask, cache):
-        if not self._holds(cache):
-            self._lend_to(cache)
+    def replay(self, input_ids, attention_mask, cache):
+        """The logits of one decoding step of `cache`'s rows (attention_mask [B, 1] or None); advances the cache."""
+        if not cache.shares_tensors_with(self.cache):
+            owner = self.owner() if self.owner is not None else None
+            if owner is not None and owner is not cache and owner.shares_tensors_with(self.cache):
+                owner.own_copies()
+            cache.borrow_tensors_of(self.cache)
+            self.owner = weakref.ref(cache)
         self.input_ids.copy_(input_ids)
         if attention_mask is not None:
-            self.attention_mask.copy_(attention_mask[:, -1:])
+            self.attention_mask.copy_(attention_mask)
             self.mask_is_ones = False
         elif not self.mask_is_ones:  # a step without a mask after one with it: no padding from here on
             self.attention_mask.fill_(1)
             self.mask_is_ones = True
         self.graph.replay()
-        cache.num_seen_tokens += 1
+        cache.advance(1)
         return self.logits.clone()  # the next replay overwrites the static output
 
 
@@ -769,7 +973,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = RWKV7Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._decode_graphs = None  # batch size -> RWKV7DecodeGraph; False where graphs cannot be used
+        self._decode_graphs = {}  # batch size -> RWKV7DecodeGraph
         self.post_init()
 
     def get_input_embeddings(self):
@@ -802,69 +1006,32 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         """labels [B, T]: the loss is next-token cross entropy, shifted inside; label -100 is ignored.
         logits_to_keep: compute logits for the last n positions only (0: all).
         cache (or past_key_values, its name before transformers 5.24): an RWKV7Cache, updated in place.
-
-        On CUDA, a decoding step (one token per row, a cache that has seen the prompt, no autograd, nothing but
-        logits asked for) replays a CUDA graph of the step (RWKV7DecodeGraph): same results, far fewer launches.
+        Other arguments: RWKV7Model.forward. The code that runs: choose_path.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        inputs = _check_inputs(input_ids, inputs_embeds, output_attentions)
         cache = _one_cache(cache, past_key_values)
-        if (
-            input_ids is not None
-            and input_ids.shape[1] == 1
-            and input_ids.is_cuda
-            and cache is not None
-            and len(cache) == self.config.num_hidden_layers
-            and cache.batch_size == input_ids.shape[0]
-            and use_cache is not False
-            and labels is None
-            and not output_hidden_states
-            and not torch.is_grad_enabled()
-            and not torch.cuda.is_current_stream_capturing()
-            and self._decode_graphs_enabled()
-        ):
-            logits = self._decode_graph(input_ids.shape[0])(input_ids, attention_mask, cache)
+        attention_mask = _padding_mask(attention_mask, inputs)
+        graphable = input_ids is not None and use_cache is not False and labels is None and not output_hidden_states
+        path = choose_path(self, inputs, cache, attention_mask, graphable)
+        if path is ForwardPath.DECODE_GRAPH:
+            logits = self._decode_graph(inputs.shape[0]).replay(input_ids, attention_mask, cache)
             output = RWKV7CausalLMOutput(logits=logits, **{CACHE_NAME: cache})
-            return output if return_dict else output.to_tuple()
-        return self._forward_eager(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            labels=labels,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=return_dict,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+            return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+        return self.run(path, input_ids, inputs_embeds, attention_mask, cache, labels, use_cache,
+                        output_hidden_states, return_dict, logits_to_keep, **kwargs)
 
-    def _forward_eager(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        cache=None,
-        labels=None,
-        use_cache=None,
-        output_hidden_states=None,
-        output_attentions=None,
-        return_dict=None,
-        logits_to_keep=0,
-        **kwargs,
-    ):
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-        )
+    def run(self, path, input_ids, inputs_embeds, attention_mask, cache, labels=None, use_cache=None,
+            output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
+        """The forward on `path` (choose_path's), with this call's attention mask (_padding_mask's)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model.run(path, input_ids, inputs_embeds, attention_mask, cache, use_cache,
+                                 output_hidden_states, return_dict=True)
         hidden = outputs.last_hidden_state
-        logits = linear(self.lm_head, hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        if path is ForwardPath.DECODE_TRITON:  # a one-row head is a fused matrix-vector kernel too
+            logits = kernels.decode_step.linear(hidden, self.lm_head.weight)
+        else:
+            logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -873,21 +1040,15 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         )
         return output if return_dict else output.to_tuple()
 
-    def _decode_graphs_enabled(self):
-        """Graphs need the whole model on one CUDA device (not split with device_map) and in eval mode."""
-        if self._decode_graphs is None:
-            devices = {p.device for p in self.parameters()}
-            self._decode_graphs = {} if len(devices) == 1 and next(iter(devices)).type == "cuda" else False
-        return self._decode_graphs is not False and not self.training
-
     def _decode_graph(self, batch_size):
-        if batch_size not in self._decode_graphs:
-            self._decode_graphs[batch_size] = RWKV7DecodeGraph(self, batch_size)
-        return self._decode_graphs[batch_size]
+        graph = self._decode_graphs.get(batch_size)
+        if graph is None or not graph.is_current():
+            self._decode_graphs[batch_size] = graph = RWKV7DecodeGraph(self, batch_size)
+        return graph
 
     def release_decode_graphs(self):
         """Frees the CUDA graphs of decoding steps (and their memory); the next decoding step captures anew."""
-        self._decode_graphs = None
+        self._decode_graphs = {}
 
     def _apply(self, fn, *args, **kwargs):
         self.release_decode_graphs()  # .to(), .cuda(), .half() ... move the weights a graph was captured on

@@ -65,7 +65,7 @@ def main():
 
     @torch.no_grad()
     def our_step(token):
-        cache[0] = ours(torch.tensor([[token]]), past_key_values=cache[0], use_cache=True).cache
+        cache[0] = ours(torch.tensor([[token]]), cache=cache[0], use_cache=True).cache
 
     steps = {"official": official_step, "ours": our_step}
     for step in steps.values():  # warm up: TorchScript profiling runs, first allocations

@@ -109,9 +109,14 @@ def decode_rate(model, batch, new_tokens, prompt_len=16):
 
 
 @torch.no_grad()
+def returned_cache(output):
+    """The cache a forward returned: `cache` from transformers 5.24 on, `past_key_values` before (fla's model)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def step_time(model, batch, repeats=50):
     ids = torch.randint(1, 65000, (batch, 16), device="cuda")
-    cache = model(ids, use_cache=True).cache
+    cache = returned_cache(model(ids, use_cache=True))
     token = ids[:, -1:]
     for _ in range(3):
         model(token, past_key_values=cache, use_cache=True)

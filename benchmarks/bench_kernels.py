@@ -32,8 +32,9 @@ import triton
 
 sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."), os.path.dirname(os.path.abspath(__file__))]
 import needs  # noqa: E402
+from rwkv7_kernels import TimeMixParams  # noqa: E402
+from rwkv7_kernels.decode_step import time_mix as fused_time_mix  # noqa: E402
 from rwkv7_kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
-from rwkv7_kernels import fused_time_mix  # noqa: E402
 
 LOWER = -math.exp(-0.5)
 K = 64
@@ -111,8 +112,8 @@ def bench_chunk(B, T, H, backward, bw):
 
 
 def decode_inputs(B, H):
-    """Ours (time_mix_decode_'s arguments without the state: LoRA hidden activations of the 0.4B ranks, first layer,
-    k_k = 1, k_a = 0) and fla's (r, w, k, v, kk, a_gate) computed from them, so both WKV steps see the same
+    """Ours (decode_step.time_mix's arguments without the state: LoRA hidden activations of the 0.4B ranks, first
+    layer, k_k = 1, k_a = 0) and fla's (r, w, k, v, kk, a_gate) computed from them, so both WKV steps see the same
     inputs, and `rest`: the LoRA up-projections and the decay/kk/a ops fla's layer runs around its kernel."""
     C = H * K
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -124,8 +125,8 @@ def decode_inputs(B, H):
     w_lora, a_lora, g_lora = ((randn(B, 1, D), randn(C, D, std=D**-0.5), randn(C) if bias else None)
                               for D, bias in ((64, True), (64, True), (128, False)))
     ones, zeros = torch.ones(C, device="cuda").bfloat16(), torch.zeros(C, device="cuda").bfloat16()
-    ours_args = (r, k, v, w_lora, a_lora, None, g_lora, None, ones, zeros, randn(H, K, std=0.1), ones, zeros, 64e-5,
-                 None)
+    params = TimeMixParams(ones, zeros, randn(H, K, std=0.1), ones, zeros, 64e-5)
+    ours_args = (r, k, v, (w_lora, a_lora, None, g_lora), None, params)
 
     def rest():  # what fla's RWKV-7 layer computes in PyTorch around fused_mul_recurrent_rwkv7, per decoding step
         heads = lambda t: t.view(B, 1, H, K)  # noqa: E731
@@ -155,7 +156,7 @@ def bench_decode(B, H):
     fused_time_mix(*ours_args, s_ours)
     s_ref = fused_mul_recurrent_rwkv7(*fla_args, initial_state=state.clone(), output_final_state=True)[1]
     err = ((s_ours - s_ref).norm() / s_ref.norm()).item()
-    g_lora, r_k = ours_args[6], ours_args[10]
+    g_lora, r_k = ours_args[3][3], ours_args[5].r_k
 
     def fla_whole():
         r, w, k, v, kk, a_gate = rest()

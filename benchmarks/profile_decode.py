@@ -31,8 +31,10 @@ def main():
     cache = model(torch.randint(1, 65000, (args.batch, 16), device="cuda"), use_cache=True).cache
     tokens = torch.randint(1, 65000, (args.batch, args.tokens), device="cuda")
 
+    model.set_implementation("triton")  # eager steps, no CUDA graph
+
     def forward():
-        model._forward_eager(input_ids=tokens, past_key_values=cache, return_dict=True, logits_to_keep=1)
+        model(tokens, cache=cache, logits_to_keep=1)
 
     for _ in range(3):
         forward()

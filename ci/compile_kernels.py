@@ -44,6 +44,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import rwkv7_kernels  # noqa: E402
 from rwkv7_kernels import pdl, wkv7_chunk  # noqa: E402
+from rwkv7_kernels import TimeMixParams, decode_step  # noqa: E402
 from rwkv7_kernels.linear_decode import linear_row  # noqa: E402
 from rwkv7_kernels.norm_mix_linear_decode import norm_mix_linear_row  # noqa: E402
 from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
@@ -83,18 +84,24 @@ def time_mix_prefill(dtype, B, T, H, first_layer, with_state):
     """time_mix_sequence (the two elementwise kernels around chunk_wkv7's forward) of one layer."""
     C = H * 64
     r, w_raw, k, v, a_raw, v_gate, v_first, g = (randn(B, T, C, dtype=dtype) for _ in range(8))
-    k_k, k_a, gn_w, gn_b = (randn(C, dtype=dtype) for _ in range(4))
     state = randn(B, H, 64, 64) if with_state else None
     time_mix_sequence(r, w_raw, k, v, a_raw, None if first_layer else v_gate, None if first_layer else v_first, g,
-                      k_k, k_a, randn(H, 64, dtype=dtype), gn_w, gn_b, 64e-5, state)
+                      time_mix_params(dtype, H), state=state)
 
 
-def norm_shift_mix(dtype, B, T, C, mixes, bias, masked):
-    """norm_shift_mix_fused: a prefill (T > 1), or a decoding step in place with a padding mask."""
+def time_mix_params(dtype, H):
+    C = H * 64
+    k_k, k_a, gn_w, gn_b = (randn(C, dtype=dtype) for _ in range(4))
+    return TimeMixParams(k_k, k_a, randn(H, 64, dtype=dtype), gn_w, gn_b, 64e-5)
+
+
+def norm_shift_mix(dtype, B, T, C, mixes, bias, masked, with_norm=True):
+    """norm_shift_mix_fused: a prefill (T > 1; the model's without its LayerNorm), or a decoding step of several
+    rows in place with a padding mask."""
     x, prev = randn(B, T, C, dtype=dtype), randn(B, C, dtype=dtype)
     mask = torch.ones(B, 1, dtype=torch.long) if masked else None
-    norm_shift_mix_fused(x, randn(C, dtype=dtype), randn(C, dtype=dtype) if bias else None, 1e-5, prev,
-                         [randn(C, dtype=dtype) for _ in range(mixes)], mask, in_place=T == 1)
+    norm = (randn(C, dtype=dtype), randn(C, dtype=dtype) if bias else None, 1e-5) if with_norm else None
+    norm_shift_mix_fused(x, prev, [randn(C, dtype=dtype) for _ in range(mixes)], norm, mask, in_place=T == 1)
 
 
 LORA_RANKS = {"w": 64, "a": 64, "v": 32, "g": 128}  # those of the 0.1B model; g has no bias, w's LoRA is tanh'd
@@ -115,7 +122,7 @@ def time_mix_projections(C, first_layer):
 
 
 def time_mix_decode(dtype, B, H, first_layer, masked):
-    """rwkv7_kernels.fused_time_mix: beyond 2 programs per SM the LoRA up-projections run first, in their own launch."""
+    """decode_step.time_mix: beyond 2 programs per SM the LoRA up-projections run first, in their own launch."""
     C = H * 64
 
     def lora(name):  # (hidden activations, up weight, bias)
@@ -123,11 +130,9 @@ def time_mix_decode(dtype, B, H, first_layer, masked):
         return randn(B, 1, LORA_RANKS[name], dtype=dtype), up, None if name == "g" else randn(C, dtype=dtype)
 
     r, k, v, v_first = (randn(B, 1, C, dtype=dtype) for _ in range(4))
-    k_k, k_a, gn_w, gn_b = (randn(C, dtype=dtype) for _ in range(4))
-    rwkv7_kernels.fused_time_mix(
-        r, k, v, lora("w"), lora("a"), None if first_layer else lora("v"), lora("g"), None if first_layer else v_first,
-        k_k, k_a, randn(H, 64, dtype=dtype), gn_w, gn_b, 64e-5, torch.ones(B, 1, dtype=torch.long) if masked else None,
-        randn(B, H, 64, 64),
+    decode_step.time_mix(
+        r, k, v, (lora("w"), lora("a"), None if first_layer else lora("v"), lora("g")), None if first_layer else v_first,
+        time_mix_params(dtype, H), randn(B, H, 64, 64), torch.ones(B, 1, dtype=torch.long) if masked else None,
     )
 
 
@@ -140,7 +145,7 @@ def linear(dtype, N, K, bias, activation, residual):
 def workloads(dtype):
     # Sizes: with 16 heads, B = 1 or 2 sequences make fewer WKV-7 state programs than SMs, 9 more (the sequential
     # kernels' two configurations); C = 1024 and 2048 take 8 and 4 warps in norm_mix_linear_row, 2560 8 warps in
-    # norm_shift_mix_fused; 1 row and 20 rows of 16 heads are below and above fused_time_mix's lora_up threshold.
+    # norm_shift_mix_fused; 1 row and 20 rows of 16 heads are below and above decode_step.time_mix's lora_up threshold.
     cu_int32 = torch.tensor([0, 40, 41, 100, 132, 200, 203, 260, 300, 333], dtype=torch.int32)  # 9 sequences
     return [
         ("time mix prefill, layer 0", lambda: time_mix_prefill(dtype, 1, 70, 16, True, False)),
@@ -149,6 +154,7 @@ def workloads(dtype):
                                                            True, torch.tensor([0, 31, 64, 100]))),
         ("wkv7 training", lambda: wkv7_training(dtype, 2, 70, 16, False)),
         ("wkv7 training, varlen with states", lambda: wkv7_training(dtype, 1, 333, 16, True, cu_int32)),
+        ("shift/mix prefill", lambda: norm_shift_mix(dtype, 2, 5, 1024, 6, True, False, with_norm=False)),
         ("norm/shift/mix prefill", lambda: norm_shift_mix(dtype, 2, 5, 1024, 7, True, False)),
         ("norm/shift/mix decoding, mask", lambda: norm_shift_mix(dtype, 4, 1, 2560, 1, False, True)),
         ("norm/mix/linear, time mix layer 0", lambda: norm_mix_linear(dtype, 1024, time_mix_projections(1024, True),
@@ -180,7 +186,7 @@ def record_launches():
     with contextlib.ExitStack() as patches:
         patches.enter_context(mock.patch.object(JITFunction, "run", record))
         patches.enter_context(mock.patch.object(pdl, "enabled", lambda device: True))
-        for module in (rwkv7_kernels, wkv7_chunk):
+        for module in (decode_step, wkv7_chunk):
             patches.enter_context(mock.patch.object(module, "sm_count", lambda device: H100_SMS))
         for dtype in DTYPES:
             for description, run in workloads(dtype):

@@ -10,7 +10,7 @@ Shapes, layouts, dtypes:
     activation: None, "tanh", "sigmoid" or "relu2" (relu(.)^2)
 Accumulates in float32. One program per block of BLOCK_N output rows, streaming the weight rows in BLOCK_K wide
 tiles: a matrix-vector product is a pass over the weight, and small row blocks spread that pass over every SM
-(cuBLAS's batch-1 kernels took 1.3x to 4x longer on these shapes: benchmarks/bench_linear_row.py).
+(faster than cuBLAS's batch-1 kernels on these shapes: benchmarks/bench_linear_row.py).
 """
 
 import torch
@@ -19,8 +19,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import pdl
-
-ACTIVATIONS = {None: 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
+from .common import activation_code, launch_device
+from .triton_helpers import activation
 
 
 @triton.jit
@@ -47,13 +47,7 @@ def _linear_row_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, N, K, HAS_BIAS: tl.c
         w = w_next
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=in_rows, other=0.0).to(tl.float32)
-    if ACTIVATION == 1:
-        acc = 2 * tl.sigmoid(2 * acc) - 1  # tanh
-    elif ACTIVATION == 2:
-        acc = tl.sigmoid(acc)
-    elif ACTIVATION == 3:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
+    acc = activation(acc, ACTIVATION)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + rows, mask=in_rows, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=in_rows)
@@ -64,16 +58,15 @@ def linear_row(x, weight, bias=None, activation=None, residual=None):
     """y = residual + activation(x @ weight.T + bias) for x with a single row ([..., K], one row in all)."""
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    # measured on an H200: tiles as wide as K up to 1024 (benchmarks/bench_linear_row.py, within 5% of the best of
-    # 80 configurations on every decoding shape of the released models); four rows a program, which with the
-    # early weight reads of PDL beat two by 7% over a whole 0.4B decoding step
+    # tiles as wide as K up to 1024 and four rows a program: the best over the released models' decoding shapes
+    # (benchmarks/bench_linear_row.py and whole decoding steps; see benchmarks/README.md)
     BLOCK_K = min(1024, max(128, triton.next_power_of_2(K)))
     BLOCK_N = 4 if K > 128 else 8
-    with torch.cuda.device(x.device if x.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
+    with launch_device(x):
         _linear_row_kernel[(triton.cdiv(N, BLOCK_N),)](
             x.contiguous(), weight, bias if bias is not None else weight, residual.contiguous() if residual is not None
             else x, y, N, K, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            ACTIVATION=ACTIVATIONS[activation], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl.enabled(x.device),
+            ACTIVATION=activation_code(activation), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl.enabled(x.device),
             num_warps=4, launch_pdl=pdl.enabled(x.device),
         )
     return y

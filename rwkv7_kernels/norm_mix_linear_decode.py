@@ -25,11 +25,11 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import pdl
-from .norm_shift_mix_fused import _layer_norm_params, _layer_norm_row
+from .common import activation_code, launch_device
+from .triton_helpers import activation, layer_norm_params, layer_norm_row
 
-ACTIVATIONS = {None: 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
-# outputs and warps per program, measured on an H200 over whole decoding steps: 8 outputs beat 1, 2 and 4 by 5-25%;
-# 8 warps are best for C = 1024 (0.4B), 4 for C = 2048 (1.5B), by 5-10%
+# outputs per program, and warps (8 for C <= 1024, else 4): the best over whole decoding steps of the released
+# shapes (benchmarks/README.md)
 BLOCK_N = 8
 _COUNTERS = {}  # (device, stream) -> int32 [1], zero between launches
 
@@ -57,18 +57,15 @@ def _norm_mix_linear_kernel(x_ptr, ln_w_ptr, ln_b_ptr, prev_ptr, mask_ptr, count
     # the weights first (the tile, whose read from memory is the kernel's cost, then the LayerNorm's and the mix):
     # no kernel writes them, so they are read before waiting for the previous kernel (rwkv7_kernels/pdl.py)
     w = tl.load(w_ptr + rows[:, None] * C + cols[None, :], mask=in_rows[:, None] & inside[None, :], other=0.0)
-    ln_w, ln_b = _layer_norm_params(ln_w_ptr, ln_b_ptr, cols, inside, HAS_BIAS)
+    ln_w, ln_b = layer_norm_params(ln_w_ptr, ln_b_ptr, cols, inside, HAS_BIAS)
     mix = tl.load(mix_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     if PDL:
         gdc_wait()
 
-    xn = _layer_norm_row(x_ptr, ln_w, ln_b, cols, inside, eps, C)
+    xn = layer_norm_row(x_ptr, ln_w, ln_b, cols, inside, eps, C)
     prev = tl.load(prev_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     inp = xn + (prev - xn) * mix
-    y = tl.sum(w.to(tl.float32) * inp[None, :], 1)
-    y = tl.where(act == 1, 2 * tl.sigmoid(2 * y) - 1, y)  # tanh
-    y = tl.where(act == 2, tl.sigmoid(y), y)
-    y = tl.where(act == 3, tl.maximum(y, 0.0) * tl.maximum(y, 0.0), y)  # relu^2
+    y = activation(tl.sum(w.to(tl.float32) * inp[None, :], 1), act)
     tl.store(y_ptr + offset + rows, y.to(y_ptr.dtype.element_ty), mask=in_rows)
 
     # every program has read prev once its increment lands; the last one hands this token's xn over
@@ -104,12 +101,12 @@ def norm_mix_linear_row(x, weight, bias, eps, prev, projections, attention_mask=
     program_ends = [sum(triton.cdiv(n, BLOCK_N) for n in sizes[: i + 1]) for i in range(len(sizes))]
     y = torch.empty(sum(sizes), dtype=x.dtype, device=x.device)
     mask = attention_mask.reshape(1) if attention_mask is not None else prev
-    with torch.cuda.device(x.device if x.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
+    with launch_device(x):
         _norm_mix_linear_kernel[(program_ends[-1],)](
             x.reshape(C), weight, bias if bias is not None else weight, prev, mask, _counter(x.device), y,
             tuple(w for _, w, _ in projections), tuple(m.reshape(C) for m, _, _ in projections), eps,
             C=C, SIZES=tuple(sizes), OFFSETS=tuple(offsets), PROGRAM_ENDS=tuple(program_ends),
-            ACTS=tuple(ACTIVATIONS[a] for _, _, a in projections), BLOCK_C=triton.next_power_of_2(C),
+            ACTS=tuple(activation_code(a) for _, _, a in projections), BLOCK_C=triton.next_power_of_2(C),
             BLOCK_N=BLOCK_N, HAS_BIAS=bias is not None, HAS_MASK=attention_mask is not None,
             PDL=pdl.enabled(x.device), num_warps=8 if C <= 1024 else 4, launch_pdl=pdl.enabled(x.device),
         )

@@ -1,18 +1,30 @@
-"""The RWKV-7 block's ops around the WKV-7 recurrence, in plain PyTorch: what runs on CPU, and the references for
-the fused kernels that replace them on CUDA (time_mix_decode.py).
+"""The RWKV-7 block's ops around the WKV-7 recurrence, in plain PyTorch: the math every kernel of this folder is
+checked against, and what runs without kernels (CPU, autograd).
 
 Layouts: x [B, T, C] in the model dtype; C = H * N (N = head size, 64 in every released model).
 """
 
-import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .wkv7_reference import wkv7_one_token, wkv7_reference
+from .common import DECAY_SCALE, KK_EPS
+from .wkv7_reference import wkv7_reference
 
 
-def token_shift_reference(x, prev, attention_mask=None):
+class TimeMixParams(NamedTuple):
+    """The time mix's own parameters between its projections and o_proj."""
+
+    k_k: torch.Tensor  # [C], scales k before its per-head normalisation (kk)
+    k_a: torch.Tensor  # [C], how much of the in-context learning rate a enters the key
+    r_k: torch.Tensor  # [H, N], the current token's bonus
+    gn_weight: torch.Tensor  # [C], the per-head GroupNorm's
+    gn_bias: torch.Tensor  # [C]
+    gn_eps: float
+
+
+def token_shift(x, prev, attention_mask=None):
     """The previous token's x for every position, and the x to carry to the next call.
 
     x [B, T, C]; prev [B, C] (the last x of the previous call, zeros at the start).
@@ -21,7 +33,7 @@ def token_shift_reference(x, prev, attention_mask=None):
     Returns (x_prev [B, T, C], new_prev [B, C]).
     """
     B, T, C = x.shape
-    if T == 1:  # decoding: the previous x is `prev`, without copying it; a padded token keeps it
+    if T == 1:  # decoding: the previous x is `prev`; a padded token keeps it
         last = x[:, 0] if attention_mask is None else torch.where(attention_mask.bool(), x[:, 0], prev)
         return prev.unsqueeze(1), last
     if attention_mask is None:
@@ -36,23 +48,25 @@ def token_shift_reference(x, prev, attention_mask=None):
     return x_prev, new_prev
 
 
-def norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask=None, in_place=False):
-    """LayerNorm, the token shift, then one lerp per mix: the inputs of a time mix (six mixes) or channel mix (one).
+def shift_mix_reference(x, prev, mixes, attention_mask=None, in_place=False):
+    """The token shift, then one lerp per mix: the inputs of a time mix (six mixes) or channel mix (one).
 
-    x [B, T, C] (the residual stream); weight, bias [C] (bias may be None); prev [B, C] (the previous call's last
-    normalised x); mixes: M mixes of C values each (an [M, C] tensor, or tensors of any shape that broadcasts to
-    [C], like the model's [1, 1, C] parameters); attention_mask [B, T] or None.
-    Returns (mixed: M tensors [B, T, C], mixed[m] = xn + (xn_prev - xn) * mixes[m]; the new prev [B, C]). in_place:
+    x [B, T, C] (normalised); prev [B, C] (the previous call's last x); mixes: M tensors that broadcast to [C] (the
+    model's [1, 1, C] or [C] parameters); attention_mask [B, T] or None.
+    Returns (mixed: M tensors [B, T, C], mixed[m] = x + (x_prev - x) * mixes[m]; the new prev [B, C]). in_place:
     the new prev is written into `prev` (decoding).
     """
-    xn = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    xn_prev, last = token_shift_reference(xn, prev, attention_mask)
-    delta = xn_prev - xn
-    # one op per mix: cheaper for one token than stacking the mixes and splitting the result
-    mixed = [torch.addcmul(xn, delta, mix) for mix in mixes]
-    # in place: after the last read of xn_prev, which may be a view of prev; otherwise a copy, not a view that
-    # would keep the whole of xn alive in the cache
+    x_prev, last = token_shift(x, prev, attention_mask)
+    delta = x_prev - x
+    mixed = [torch.addcmul(x, delta, mix) for mix in mixes]
+    # in place: after the last read of x_prev, which may be a view of prev; otherwise a copy, not a view that
+    # would keep the whole of x alive in the cache
     return mixed, prev.copy_(last) if in_place else last.clone()
+
+
+def norm_shift_mix_reference(x, weight, bias, eps, prev, mixes, attention_mask=None, in_place=False):
+    """shift_mix_reference of LayerNorm(x; weight, bias, eps): what the fused kernels with a norm compute."""
+    return shift_mix_reference(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), prev, mixes, attention_mask, in_place)
 
 
 def norm_mix_linear_reference(x, weight, bias, eps, prev, projections, attention_mask=None, in_place=False):
@@ -64,55 +78,47 @@ def norm_mix_linear_reference(x, weight, bias, eps, prev, projections, attention
     return [linear_reference(m, w, None, act) for m, (_, w, act) in zip(mixed, projections)], last
 
 
-def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
-                       attention_mask=None, state=None, in_place=False, wkv7=wkv7_reference):
+def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, state=None, attention_mask=None,
+                       in_place=False, wkv7=wkv7_reference):
     """The time mix between its projections and o_proj: decay, kk, the k update, the v_first mix, WKV-7,
     the per-head GroupNorm, the bonus and the gate (the official x070 RWKV_x070_TMix, in fla's layouts).
 
     r, w_raw, k, v, a_raw, g [B, T, C]: r_proj, w_lora (pre-sigmoid), k_proj, v_proj, a_lora (pre-sigmoid) and
         g_lora outputs; v_gate_raw [B, T, C] the v_lora output (pre-sigmoid) and v_first [B, T, C] layer 0's v,
         both None in layer 0, which makes v_first.
-    k_k, k_a, gn_weight, gn_bias [C]; r_k [H, N]; attention_mask [B, T] or None (0 = padding: the state skips it).
-    state [B, H, N, N] float32 or None (zeros; no final state wanted). in_place: write the final state into
-        `state` (decoding) instead of returning a new tensor.
-    wkv7: the WKV-7 recurrence to use (wkv7_reference.py's signature).
+    params: TimeMixParams. state [B, H, N, N] float32 or None (zeros; no final state wanted).
+    attention_mask [B, T] or None (0 = padding: the state skips it). in_place: write the final state into `state`
+    (decoding) instead of returning a new tensor. wkv7: the WKV-7 recurrence (wkv7_reference.py's signature).
     Returns (y [B, T, C] = gated output for o_proj, v_first, final state or None).
     """
     B, T, C = r.shape
-    H, N = r_k.shape
-    # log of the decay, in float32 at least (bf16 would round decays near 1 to 1 and distort long memory):
-    # decay = exp(-exp(-0.5) * sigmoid(w0 + tanh(x_w W1) W2)) lies in (0.545, 1)
-    w = -math.exp(-0.5) * torch.sigmoid(w_raw.to(torch.promote_types(w_raw.dtype, torch.float32)))
+    H, N = params.r_k.shape
+    # the log decay in float32 at least: bf16 would round decays near 1 to 1 and distort long memory
+    w = -DECAY_SCALE * torch.sigmoid(w_raw.to(torch.promote_types(w_raw.dtype, torch.float32)))
     a = torch.sigmoid(a_raw)
-    # kk = F.normalize(k * k_k) per head, spelled out: for one token its Python wrappers cost as much as its arithmetic
-    kk = (k * k_k).view(B, T, H, N)
-    kk = kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min(1e-12)
-    k = torch.lerp(k, k * a, k_a)  # k * (1 + (a - 1) * k_a), in two ops
+    kk = F.normalize((k * params.k_k).view(B, T, H, N), dim=-1, eps=KK_EPS)
+    k = k * (1 + (a - 1) * params.k_a)
     if v_first is None:
         v_first = v
     else:
-        v = torch.lerp(v, v_first, torch.sigmoid(v_gate_raw))
+        v = v + (v_first - v) * torch.sigmoid(v_gate_raw)
 
     r, w, k, v, a = (t.view(B, T, H, N) for t in (r, w, k, v, a))
     if attention_mask is not None:
         # a padded position leaves the state as it was: no decay (w = 0), no write (k = 0), no transition (kk = 0)
         keep = attention_mask.view(B, T, 1, 1)
         w, k, kk = w * keep, k * keep.to(k.dtype), kk * keep.to(kk.dtype)
-    if T == 1 and state is not None:  # decoding: one step of the recurrence
-        o, final_state = wkv7_one_token(r, w, k, v, -kk, kk * a, state, in_place)
-    else:
-        o, final_state = wkv7(r, w, k, v, -kk, kk * a, initial_state=state, output_final_state=state is not None)
-        if in_place:
-            final_state = state.copy_(final_state)
+    o, final_state = wkv7(r, w, k, v, -kk, kk * a, initial_state=state, output_final_state=state is not None)
+    if in_place:
+        final_state = state.copy_(final_state)
 
-    # F.group_norm's Python checks cost about as much as the op itself on one token
-    y = torch.group_norm(o.reshape(B * T, C), H, gn_weight, gn_bias, gn_eps).view(B, T, H, N)
-    y = torch.addcmul(y, (r * k * r_k).sum(dim=-1, keepdim=True), v)  # the current token's bonus
+    y = F.group_norm(o.reshape(B * T, C), H, params.gn_weight, params.gn_bias, params.gn_eps).view(B, T, H, N)
+    y = y + (r * k * params.r_k).sum(dim=-1, keepdim=True) * v  # the current token's bonus
     return y.view(B, T, C) * g, v_first, final_state
 
 
 def activation_reference(y, activation=None, residual=None):
-    """residual + activation(y), activation one of None, "tanh", "sigmoid", "relu2" (relu(y)^2)."""
+    """residual + activation(y), activation one of common.ACTIVATIONS: None, "tanh", "sigmoid", "relu2" (relu^2)."""
     if activation == "tanh":
         y = torch.tanh(y)
     elif activation == "sigmoid":

@@ -18,7 +18,7 @@ Everything is computed in float32. One program per (row, head) holds that head's
 GroupNorm and the kk normalisation need the whole head) and computes the head's 64 outputs of each LoRA
 up-projection itself, which saves four launches. For many rows those tiles would be read once per row, so there
 one launch of _lora_up_kernel applies every up-projection beforehand, as matrix products over blocks of rows that
-read each weight tile once per block (kernels.fused_time_mix chooses). No host sync and no data-dependent
+read each weight tile once per block (decode_step.time_mix chooses). No host sync and no data-dependent
 allocation, so the call can be captured in a CUDA graph.
 """
 
@@ -28,6 +28,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import pdl
+from .common import launch_device
+from .triton_helpers import DECAY_SCALE, KK_EPS
 
 @triton.jit
 def _lora_weights(w_ptr, b_ptr, cols, D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -118,8 +120,6 @@ def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, a
         gdc_wait()
     p_s = s_ptr + (i_b * H + i_h) * N * N + tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
     # nothing reads the state again before the next step, so it is loaded and stored with streaming cache hints
-    # (H100, 0.4B ranks, CUDA graphs: 110 -> 105 us at 256 rows and 32 heads, 11.2 -> 10.9 us at 32 rows, the
-    # same at one row)
     h = tl.load(p_s, eviction_policy="evict_first")  # state [K, V]
     r = tl.load(r_ptr + row).to(tl.float32)
     k = tl.load(k_ptr + row).to(tl.float32)
@@ -128,11 +128,10 @@ def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, a
     a_raw = _lora(ah_ptr, a_up, a_bias, i_b, cols, C, D[1], BLOCK_D[1])
     g = _lora(gh_ptr, g_up, g_bias, i_b, cols, C, D[2], BLOCK_D[2])
 
-    # decay = exp(-exp(-0.5) * sigmoid(w_raw)); 0.6065306597126334 = exp(-0.5)
-    decay = tl.exp(-0.6065306597126334 * tl.sigmoid(w_raw))
+    decay = tl.exp(tl.sigmoid(w_raw) * -DECAY_SCALE)
     a = tl.sigmoid(a_raw)
     kk = k * k_k
-    kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), 1e-12)
+    kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 0)), KK_EPS)
     k = k * (1 + (a - 1) * k_a)
     if not FIRST_LAYER:
         v_gate = tl.sigmoid(_lora(vh_ptr, v_up, v_bias, i_b, cols, C, D[3], BLOCK_D[3]))
@@ -159,17 +158,16 @@ def _time_mix_decode_kernel(r_ptr, k_ptr, v_ptr, wh_ptr, w_up_ptr, w_bias_ptr, a
 
 
 @torch.no_grad()
-def time_mix_decode_(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
-                     attention_mask, state):
+def time_mix_decode_(r, k, v, loras, v_first, params, state, attention_mask=None):
     """One decoding step of the time mix; r, k, v [B, 1, C], state [B, H, N, N] float32 updated in place.
 
-    w_lora, a_lora, v_lora, g_lora: (hidden [B, 1, D], up weight [C, D], bias [C] or None) each, or (output
-    [B, 1, C], None, None) for a LoRA applied outside; v_lora and v_first are None in layer 0, which makes v_first.
-    Returns (y [B, 1, C], v_first, state), as ops_reference.time_mix_reference(..., in_place=True) does on the LoRAs'
-    outputs.
+    loras: the w, a, v, g LoRAs, each (hidden [B, 1, D], up weight [C, D], bias [C] or None), or (output [B, 1, C],
+    None, None) for a LoRA applied outside; v's and v_first are None in layer 0, which makes v_first.
+    params: ops_reference.TimeMixParams. Returns (y [B, 1, C], v_first, state), as
+    ops_reference.time_mix_reference(..., in_place=True) does on the LoRAs' outputs.
     """
     B, T, C = r.shape
-    H, N = r_k.shape
+    H, N = params.r_k.shape
     if T != 1 or state.dtype != torch.float32 or not state.is_contiguous() or state.shape != (B, H, N, N):
         raise ValueError(f"one token per row and a contiguous float32 state of shape {(B, H, N, N)} are needed")
     first_layer = v_first is None
@@ -184,6 +182,7 @@ def time_mix_decode_(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a,
             return rows(values), values, values, 0
         return rows(values), up.contiguous(), bias if bias is not None else up, up.shape[1]
 
+    w_lora, a_lora, v_lora, g_lora = loras
     (wh, w_up, w_b, w_d), (ah, a_up, a_b, a_d), (gh, g_up, _, g_d), (vh, v_up, v_b, v_d) = map(
         lora, (w_lora, a_lora, g_lora, v_lora)
     )
@@ -191,10 +190,10 @@ def time_mix_decode_(r, k, v, w_lora, a_lora, v_lora, g_lora, v_first, k_k, k_a,
     v_first_rows = r if first_layer else rows(v_first)
     mask = attention_mask.reshape(B).contiguous() if attention_mask is not None else r
     y = torch.empty(B, C, dtype=r.dtype, device=r.device)
-    with torch.cuda.device(r.device if r.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
+    with launch_device(r):
         _time_mix_decode_kernel[(B, H)](
             r, k, v, wh, w_up, w_b, ah, a_up, a_b, vh, v_up, v_b, gh, g_up, v_first_rows, mask,
-            k_k, k_a, r_k, gn_weight, gn_bias, state, y, gn_eps,
+            params.k_k, params.k_a, params.r_k, params.gn_weight, params.gn_bias, state, y, params.gn_eps,
             H=H, N=N, D=ranks, BLOCK_D=tuple(max(triton.next_power_of_2(d), 1) for d in ranks), FIRST_LAYER=first_layer,
             HAS_MASK=attention_mask is not None, PDL=pdl.enabled(r.device), num_warps=4,
             launch_pdl=pdl.enabled(r.device),
@@ -217,7 +216,7 @@ def lora_up(loras):
     ranks = tuple(up.shape[1] for up in ws)
     BLOCK_B = min(64, max(16, triton.next_power_of_2(B)))
     BLOCK_C = 64
-    with torch.cuda.device(h0.device if h0.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
+    with launch_device(h0):
         _lora_up_kernel[(triton.cdiv(B, BLOCK_B), triton.cdiv(C, BLOCK_C), len(given))](
             hs, ws, tuple(up if bias is None else bias for _, up, bias in given), ys, B, C=C, D=ranks,
             BLOCK_D=tuple(max(16, triton.next_power_of_2(d)) for d in ranks),

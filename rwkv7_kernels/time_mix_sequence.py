@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import launch_device
+from .triton_helpers import DECAY_SCALE, KK_EPS
 from .wkv7_chunk import chunk_wkv7
 
 BLOCK_T = 32
@@ -35,10 +37,9 @@ def _before_wkv_kernel(w_raw_ptr, k_ptr, v_ptr, a_raw_ptr, vg_ptr, vf_ptr, k_k_p
     inside = (rows < rows_total)[:, None]
     k = tl.load(k_ptr + at, mask=inside, other=0.0).to(tl.float32)
     a = tl.sigmoid(tl.load(a_raw_ptr + at, mask=inside, other=0.0).to(tl.float32))
-    # 0.6065306597126334 = exp(-0.5): the log decay lies in (-exp(-0.5), 0)
-    w = -0.6065306597126334 * tl.sigmoid(tl.load(w_raw_ptr + at, mask=inside, other=0.0).to(tl.float32))
+    w = tl.sigmoid(tl.load(w_raw_ptr + at, mask=inside, other=0.0).to(tl.float32)) * -DECAY_SCALE
     kk = k * tl.load(k_k_ptr + cols).to(tl.float32)[None, :]
-    kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 1)), 1e-12)[:, None]
+    kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, 1)), KK_EPS)[:, None]
     k = k * (1 + (a - 1) * tl.load(k_a_ptr + cols).to(tl.float32)[None, :])
     tl.store(w_ptr + at, w, mask=inside)
     tl.store(k_out_ptr + at, k.to(k_out_ptr.dtype.element_ty), mask=inside)
@@ -72,12 +73,15 @@ def _after_wkv_kernel(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, r_k_ptr, gn_w_ptr, gn_b
 
 
 @torch.no_grad()
-def time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r_k, gn_weight, gn_bias, gn_eps,
-                      state=None):
-    """The time mix of whole sequences, no padding mask, no autograd. Arguments and results: those of
-    ops_reference.time_mix_reference (r ... g [B, T, C]; state [B, H, N, N] float32 or None), not in place."""
+def time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, state=None, attention_mask=None,
+                      in_place=False):
+    """The time mix of whole sequences without padding or autograd. Arguments and results: those of
+    ops_reference.time_mix_reference (r ... g [B, T, C]; params: TimeMixParams; state [B, H, N, N] float32 or
+    None); attention_mask must be None and in_place False."""
+    if attention_mask is not None or in_place:
+        raise ValueError("time_mix_sequence runs sequences without padding, and returns a new state")
     B, T, C = r.shape
-    H, N = r_k.shape
+    H, N = params.r_k.shape
     first_layer = v_first is None
     rows = lambda t: t.reshape(B * T, C).contiguous()  # noqa: E731
     r, w_raw, k, v, a_raw, g = map(rows, (r, w_raw, k, v, a_raw, g))
@@ -88,12 +92,12 @@ def time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, k_k, k_a, r
     grid = (triton.cdiv(B * T, BLOCK_T), H)
     heads = lambda t: t.view(B, T, H, N)  # noqa: E731
     y = torch.empty_like(r)
-    with torch.cuda.device(r.device if r.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
-        _before_wkv_kernel[grid](w_raw, k, v, a_raw, vg, vf, k_k, k_a, w, k_out, v_out, a_wkv, b_wkv, B * T,
-                                 int(first_layer), C=C, N=N, BLOCK_T=BLOCK_T, num_warps=4)
+    with launch_device(r):
+        _before_wkv_kernel[grid](w_raw, k, v, a_raw, vg, vf, params.k_k, params.k_a, w, k_out, v_out, a_wkv, b_wkv,
+                                 B * T, int(first_layer), C=C, N=N, BLOCK_T=BLOCK_T, num_warps=4)
         o, final_state = chunk_wkv7(heads(r), heads(w), heads(k_out), heads(v_out), heads(a_wkv), heads(b_wkv),
                                     initial_state=state, output_final_state=state is not None)
-        _after_wkv_kernel[grid](o, r, k_out, v_out, g, r_k, gn_weight, gn_bias, y, gn_eps, B * T,
-                                C=C, N=N, BLOCK_T=BLOCK_T, num_warps=4)
+        _after_wkv_kernel[grid](o, r, k_out, v_out, g, params.r_k, params.gn_weight, params.gn_bias, y,
+                                params.gn_eps, B * T, C=C, N=N, BLOCK_T=BLOCK_T, num_warps=4)
     v_first = v.view(B, T, C) if first_layer else v_first
     return y.view(B, T, C), v_first, final_state

@@ -39,30 +39,27 @@ Backward (G: the gradient of a chunk's end state), three launches:
                        dU = Ti^T (be G + A_rb^T do) and dv; sa and dU to memory ([chunks, H, BT, V])
     _grad_kernel       parallel over (chunk, head): from S, G, sa and dU, the gradients of r, w, k, a, b (dw from
                        reverse cumulative sums of the log-decay gradients)
-    (two kernels rather than one: the single kernel took 8 warps of 255 registers, one program per SM; each half fits
-    two programs of 4 warps per SM, and the pair took 4.1 ms where the one took 6.4 (H100, 8, 4096, 32, float32
-    intermediates); for 16-bit inputs _grad_sa_kernel runs as four programs of 2 warps per SM: GRAD_SA_WARPS)
+    (two kernels rather than one: the single kernel needed 8 warps of 255 registers, one program per SM; each half fits
+    two programs of 4 warps per SM, and the pair is faster; for 16-bit inputs _grad_sa_kernel runs as four programs
+    of 2 warps per SM: GRAD_SA_WARPS)
 Dots run in tf32 for bf16/fp16 inputs and in 3xTF32 (float32 accuracy on the tensor cores) for float32 inputs;
 accumulation is float32, and so is the state carried through the sequential passes. The intermediates that go
 through memory (Qr, Ov, M, C, the chunks' start states and their gradients, sa, dU) are stored in bf16 for bf16
-inputs and in float32 otherwise: they are most of the memory traffic, and in bf16 the forward takes 25% less time
-and the forward + backward 20% less (H100, 8, 4096, 32). The state's recurrence stays float32, so the rounding
-does not accumulate over chunks: the relative error of the final state after 65536 steps with decays within 1e-5
-of 1 is 2.3e-3 (1.4e-3 all float32). Ti and exp(gC) stay float32.
+inputs and in float32 otherwise: they are most of the memory traffic. The state's recurrence stays float32, so the
+rounding does not accumulate over chunks (tests/test_kernels.py bounds the final state's error after 65536 steps
+with decays near 1). Ti and exp(gC) stay float32. Measurements of these choices: benchmarks/README.md.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from . import sm_count
+from .common import launch_device, sm_count
 
 BT = 32  # chunk length
-PREP_MAXNREG = 168  # registers per thread of the preparation kernel: 3 programs per SM (H200: 8% faster than 2)
-# _grad_sa_kernel's warps, by input dtype. For 16-bit inputs 2, four programs per SM: it spills more than as 4 warps,
-# two per SM, and takes 1.00 ms instead of 1.30 (H100, bf16, 8, 4096, 32; 3 programs of 4 warps under 168 registers:
-# 1.11; fp16, with float32 intermediates, spills less than bf16 as 2 warps). Float32 inputs (3xTF32 dots) would spill
-# 29 KB a thread as 2 warps.
+PREP_MAXNREG = 168  # registers per thread of the preparation kernel: 3 programs per SM, faster than 2
+# _grad_sa_kernel's warps, by input dtype: for 16-bit inputs four programs of 2 warps per SM, faster than two of 4
+# although they spill more; float32 inputs (3xTF32 dots) would spill far more as 2 warps
 GRAD_SA_WARPS = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 
 
@@ -124,11 +121,17 @@ def _rows(bos, t0, L, i_h, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, c
 
 
 @triton.jit
-def _decays(w):
-    """exp(g), exp(gp), exp(-g), exp(gC) of a chunk's log decays w [BT, K] (rows past the sequence are 0)."""
+def _scaled_chunk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p, m):
+    """A chunk's decay-scaled inputs [BT, K], float32 (see the module docstring): rd = r exp(g), ad = a exp(gp),
+    bi = b exp(-g), ki = k exp(-g), and exp(gC) [K], from the rows p, m of _rows (rows past the sequence are 0)."""
+    w = tl.load(w_ptr + p, mask=m, other=0.0)
     g = tl.cumsum(w, 0)
-    gC = tl.sum(w, 0)
-    return tl.exp(g), tl.exp(g - w), tl.exp(-g), tl.exp(gC)
+    eng = tl.exp(-g)
+    rd = tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32) * tl.exp(g)
+    ad = tl.load(a_ptr + p, mask=m, other=0.0).to(tl.float32) * tl.exp(g - w)
+    bi = tl.load(b_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
+    ki = tl.load(k_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
+    return rd, ad, bi, ki, tl.exp(tl.sum(w, 0))
 
 
 @triton.jit
@@ -139,11 +142,7 @@ def _prep_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ti_ptr, qr_ptr, o
     i_s, bos, L, t0 = _chunk_of_program(chunks_ptr, cu_ptr, T, BT, IS_VARLEN)
     p, m = _rows(bos, t0, L, i_h, H, K, BT, 0, K)
     pv, _ = _rows(bos, t0, L, i_h, H, V, BT, 0, V)
-    eg, egp, eng, egC = _decays(tl.load(w_ptr + p, mask=m, other=0.0))
-    rd = tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32) * eg
-    ad = tl.load(a_ptr + p, mask=m, other=0.0).to(tl.float32) * egp
-    bi = tl.load(b_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
-    ki = tl.load(k_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
+    rd, ad, bi, ki, egC = _scaled_chunk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p, m)
     v = tl.load(v_ptr + pv, mask=m, other=0.0).to(tl.float32)
     ot = tl.arange(0, BT)
     strict = ot[:, None] > ot[None, :]
@@ -172,20 +171,36 @@ def _prep_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ti_ptr, qr_ptr, o
 
 
 @triton.jit
+def _state_program(cu_ptr, coff_ptr, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """A sequential state kernel's program: its (sequence, head) index, head, the sequence's first row, length and
+    first chunk slot, and the first column and offsets of the [K, BV] block of the state it carries."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L, c0 = _sequence(cu_ptr, coff_ptr, i_n, T, BT, IS_VARLEN)
+    col0 = i_v * BV
+    p_state = tl.arange(0, K)[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
+    return i_nh, i_h, bos, L, c0, col0, p_state
+
+
+@triton.jit
+def _state_or_zeros(ptr, i_nh, p_state, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, GIVEN: tl.constexpr):
+    """The [K, BV] block of a given [N, H, K, V] state (or state gradient), float32; zeros when none is given."""
+    if GIVEN:
+        S = tl.load(ptr + i_nh.to(tl.int64) * K * V + p_state)
+    else:
+        S = tl.zeros([K, BV], dtype=tl.float32)
+    return S
+
+
+@triton.jit
 def _state_fwd_kernel(qr_ptr, ov_ptr, m_ptr, c_ptr, egc_ptr, h0_ptr, o_ptr, ht_ptr, hs_ptr, cu_ptr, coff_ptr, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                       STAGES: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, SAVE: tl.constexpr,
                       IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, L, c0 = _sequence(cu_ptr, coff_ptr, i_n, T, BT, IS_VARLEN)
+    i_nh, i_h, bos, L, c0, col0, p_state = _state_program(cu_ptr, coff_ptr, T, H, K, V, BT, BV, IS_VARLEN)
     ok = tl.arange(0, K)
-    col0 = i_v * BV
-    p_state = ok[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
-    if USE_H0:
-        S = tl.load(h0_ptr + i_nh.to(tl.int64) * K * V + p_state)
-    else:
-        S = tl.zeros([K, BV], dtype=tl.float32)
+    S = _state_or_zeros(h0_ptr, i_nh, p_state, K, V, BV, USE_H0)
     # The loop's loads do not depend on S: the pipeliner issues them STAGES - 1 chunks ahead.
     for i_c in tl.range(0, tl.cdiv(L, BT), num_stages=STAGES):
         sh = (c0 + i_c) * H + i_h
@@ -208,16 +223,9 @@ def _state_bwd_kernel(qr_ptr, m_ptr, egc_ptr, do_ptr, dht_ptr, dhs_ptr, dh0_ptr,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                       STAGES: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
                       PREC: tl.constexpr):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, L, c0 = _sequence(cu_ptr, coff_ptr, i_n, T, BT, IS_VARLEN)
+    i_nh, i_h, bos, L, c0, col0, p_state = _state_program(cu_ptr, coff_ptr, T, H, K, V, BT, BV, IS_VARLEN)
     ok = tl.arange(0, K)
-    col0 = i_v * BV
-    p_state = ok[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
-    if USE_DHT:
-        G = tl.load(dht_ptr + i_nh.to(tl.int64) * K * V + p_state)
-    else:
-        G = tl.zeros([K, BV], dtype=tl.float32)
+    G = _state_or_zeros(dht_ptr, i_nh, p_state, K, V, BV, USE_DHT)
     NC = tl.cdiv(L, BT)
     for j in tl.range(0, NC, num_stages=STAGES):
         i_c = NC - 1 - j
@@ -242,11 +250,7 @@ def _grad_sa_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ti_ptr, hs
     i_s, bos, L, t0 = _chunk_of_program(chunks_ptr, cu_ptr, T, BT, IS_VARLEN)
     p, m = _rows(bos, t0, L, i_h, H, K, BT, 0, K)
     pv, _ = _rows(bos, t0, L, i_h, H, V, BT, 0, V)
-    eg, egp, eng, egC = _decays(tl.load(w_ptr + p, mask=m, other=0.0))
-    rd = tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32) * eg
-    ad = tl.load(a_ptr + p, mask=m, other=0.0).to(tl.float32) * egp
-    bi = tl.load(b_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
-    ki = tl.load(k_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
+    rd, ad, bi, ki, egC = _scaled_chunk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p, m)
     ot = tl.arange(0, BT)
     sh = i_s.to(tl.int64) * H + i_h
     Ti = tl.load(ti_ptr + sh * BT * BT + ot[:, None] * BT + ot[None, :])
@@ -324,9 +328,8 @@ def _grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, hs_ptr, dhs_p
     d_ad = tl.dot(dA_ak, ki, acc=tl.dot(dA_ab, bi, acc=d_ad, input_precision=PREC), input_precision=PREC)
     d_bi = tl.dot(tl.trans(dA_ab), ad, input_precision=PREC) + tl.dot(tl.trans(dA_rb), rd, input_precision=PREC)
     d_ki = tl.dot(tl.trans(dA_ak), ad, input_precision=PREC) + tl.dot(tl.trans(dA_rk), rd, input_precision=PREC)
-    # Last, while sa, v and G wait in bf16 (fewer registers than these two float32 products). This order and the
-    # epilogue below took the kernel's spills from 1012 to 680 bytes a thread and its time from 2.31 to 2.08 ms (H100,
-    # bf16, 8, 4096, 32).
+    # Last, while sa, v and G wait in bf16 (fewer registers than these two float32 products): this order and the
+    # epilogue below spill less.
     d_be = tl.dot(sa, tl.trans(G), input_precision=PREC)
     d_ke = tl.dot(v, tl.trans(G), input_precision=PREC)
     # The gradients of r, a, b, k, then those of the log decays through them (d_rd * rd = dr * r, d_ad * ad = da * a,
@@ -373,7 +376,7 @@ def _chunk_table(cu_seqlens, B, T):
 
 def _state_config(n_programs, V, device):
     """(V-block, warps, pipeline stages) of the sequential state kernels: split the state's columns when there are
-    fewer (sequence, head) programs than SMs. Measured on an H200 at (B, T, H) = (1, 16384, 32) and (8, 4096, 32)."""
+    fewer (sequence, head) programs than SMs (the best at (B, T, H) = (1, 16384, 32) and (8, 4096, 32))."""
     return (16, 2, 3) if n_programs < sm_count(device) else (V, 4, 2)
 
 
@@ -450,7 +453,7 @@ def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, c
         initial_state = initial_state.contiguous().float()
     inputs = (r, w, k, v, a, b, initial_state)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    with torch.cuda.device(r.device if r.is_cuda else -1):  # -1: no device switch (interpreter on CPU)
+    with launch_device(r):
         if needs_grad:
             return _ChunkWKV7.apply(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens)
         o, ht, _ = _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, False)

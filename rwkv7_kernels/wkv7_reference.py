@@ -16,12 +16,12 @@ The recurrence runs in float32 (float64 when the inputs are float64); `o` comes 
 import torch
 
 
-def _step(r, decay, k, v, a, b, h, in_place=False):
+def _step(r, decay, k, v, a, b, h):
     """One step for a batch of heads: rows r, a [N, 1, K] and v [N, 1, V]; columns decay, k, b [N, K, 1]; the state
-    h [N, K, V]. Returns (o [N, 1, V], the new h). in_place: the new h is written over h (no autograd)."""
+    h [N, K, V]. Returns (o [N, 1, V], the new h)."""
     sa = torch.bmm(a, h)  # a^T h, from the state before this step's decay
     # h * decay is a new tensor that autograd does not save, so the rank-one updates may go into it in place
-    h = (h.mul_(decay) if in_place else h * decay).addcmul_(b, sa).addcmul_(k, v)
+    h = (h * decay).addcmul_(b, sa).addcmul_(k, v)
     return torch.bmm(r, h), h  # o = h^T r, from the updated state
 
 
@@ -51,43 +51,6 @@ def _recurrence(r, w, k, v, a, b, h):
 
 def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def wkv7_one_token(r, w, k, v, a, b, state, in_place=False):
-    """One token, from a state: inputs [B, 1, H, *], state [B, H, K, V]. Returns (o [B, 1, H, V] in r.dtype, the
-    new state in the compute dtype), as wkv7_reference returns them for T = 1. in_place: the new state is written
-    into `state`, which is returned (decoding, without autograd).
-
-    Without wkv7_reference's sequence bookkeeping: a CPU decoding step runs this once per layer, and there the
-    few dozen small ops of that bookkeeping (checks, views, a concatenation) cost about as much as the step itself.
-    For the same reason it converts only what is not in the compute dtype yet (a .to() that changes nothing still
-    costs a call) and updates a float32 state where it lies.
-    """
-    B, _, H, K = r.shape
-    V = v.shape[-1]
-    out_dtype = r.dtype
-    compute = _compute_dtype(r)
-
-    def to_compute(x):
-        return x if x.dtype == compute else x.to(compute)
-
-    def rows(x):
-        return to_compute(x).reshape(B * H, 1, -1)
-
-    def columns(x):
-        return to_compute(x).reshape(B * H, -1, 1)
-
-    inputs = rows(r), columns(torch.exp(w)), columns(k), rows(v), rows(a), columns(b)
-    if in_place and state.dtype == compute and state.is_contiguous():
-        o, _ = _step(*inputs, state.view(B * H, K, V), in_place=True)
-        h = state
-    else:
-        o, h = _step(*inputs, to_compute(state).reshape(B * H, K, V))
-        h = h.view(B, H, K, V)
-        if in_place:
-            h = state.copy_(h)
-    o = o.view(B, 1, H, V)
-    return (o if o.dtype == out_dtype else o.to(out_dtype)), h
 
 
 def wkv7_reference(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seqlens=None):

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import tempfile
 
+import pytest
 import torch
 import transformers
 
@@ -63,3 +64,13 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
 
 def pytest_report_header():
     return f"transformers {transformers.__version__} ({os.path.dirname(transformers.__file__)}), torch {torch.__version__}"
+
+
+def pytest_collection_modifyitems(items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU: python -m pytest -m "gpu or kernels" on a machine with one')
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 os.environ["RWKV_V7_ON"] = "1"  # read by rwkv.model at import time
 os.environ.setdefault("RWKV_JIT_ON", "1")
 
-import upload_to_hub  # noqa: E402
+from hub_tools import convert, files  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CODE_FILES = upload_to_hub.CODE_FILES  # the package's code files: one list, in upload_to_hub.py
+CODE_FILES = files.CODE_FILES  # the package's code files: the one list, in hub_tools/files.py
 
 
 def random_official_weights(
@@ -81,10 +81,10 @@ def random_official_weights(
 
 def to_fla(official: dict):
     """(config dict, fla-hub state dict) of an official state dict."""
-    config = upload_to_hub.config_from_official({k: v.shape for k, v in official.items()})
+    config = convert.config_from_official({k: v.shape for k, v in official.items()})
     state = {}
     for key, tensor in official.items():
-        mapped = upload_to_hub.official_to_fla(key, tensor)
+        mapped = convert.official_to_fla(key, tensor)
         if mapped is not None:
             state[mapped[0]] = mapped[1].contiguous().clone()
     return config, state
@@ -125,7 +125,7 @@ def write_model_dir(folder, official: dict, dtype=torch.float32, pack_x_x=False,
 
 
 def copy_code(folder):
-    upload_to_hub.copy_files(REPO, folder, CODE_FILES)
+    files.copy_files(REPO, folder, CODE_FILES)
 
 
 def official_model(official: dict, tmp_path):

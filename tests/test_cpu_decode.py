@@ -1,17 +1,16 @@
-"""The one-token shortcuts of the PyTorch path (what a decoding step runs on the CPU) against the general code they
-shortcut, and the decoding step of a float64 model against the exact official math.
-"""
+"""The decoding step without kernels (rwkv7_kernels/torch_decode.py, tuned for the CPU) against the references it
+shortcuts, and the decoding step of a float64 model against the exact official math."""
 
 import pytest
 import torch
-import torch.nn as nn
 from official import official_math_fp64, random_official_weights, to_fla
 
-import modeling_rwkv7
 from configuration_rwkv7 import RWKV7Config
+from modeling_rwkv7 import ForwardPath, RWKV7ForCausalLM, choose_path
+from rwkv7_kernels import TimeMixParams
 from rwkv7_kernels.ops_reference import time_mix_reference
-from rwkv7_kernels.wkv7_reference import wkv7_one_token, wkv7_reference
-from modeling_rwkv7 import RWKV7ForCausalLM
+from rwkv7_kernels.torch_decode import _wkv7_step, time_mix_step
+from rwkv7_kernels.wkv7_reference import wkv7_reference
 
 
 def wkv7_inputs(B, T, H, K, V, dtype=torch.float64, seed=0):
@@ -29,86 +28,58 @@ def wkv7_inputs(B, T, H, K, V, dtype=torch.float64, seed=0):
     return inputs, randn(B, H, K, V) * 0.5
 
 
-def test_one_token_steps_equal_the_sequence_recurrence():
+def test_wkv7_steps_equal_the_sequence_recurrence():
     B, T, H, K, V = 2, 5, 3, 16, 8
     (r, w, k, v, a, b), state = wkv7_inputs(B, T, H, K, V)
     o_seq, final_seq = wkv7_reference(r, w, k, v, a, b, initial_state=state, output_final_state=True)
-    h, outputs = state, []
+    h, outputs = state.clone(), []
     for t in range(T):
-        o, h = wkv7_one_token(*(x[:, t : t + 1] for x in (r, w, k, v, a, b)), h)
-        outputs.append(o)
+        outputs.append(_wkv7_step(*(x[:, t : t + 1] for x in (r, w, k, v, a, b)), h))
     torch.testing.assert_close(torch.cat(outputs, dim=1), o_seq, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h, final_seq, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_one_token_step_keeps_the_reference_dtypes_and_state(dtype):
-    """o in the inputs' dtype, the new state in the compute dtype (float64 only for float64 inputs), the given
-    state untouched (decoding copies the new state into it), gradients those of the sequence recurrence."""
-    inputs, state = wkv7_inputs(2, 1, 3, 16, 16, dtype)
-    state = state.float()
-    before = state.clone()
-    o, h = wkv7_one_token(*inputs, state)
-    ref_o, ref_h = wkv7_reference(*inputs, initial_state=state, output_final_state=True)
-    assert o.dtype == ref_o.dtype == dtype and h.dtype == ref_h.dtype
-    assert h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert torch.equal(state, before)
-    torch.testing.assert_close(o, ref_o)
-    torch.testing.assert_close(h, ref_h)
-
-    leaves = [x.double().requires_grad_() for x in (*inputs, state)]
-    ref_leaves = [x.detach().clone().requires_grad_() for x in leaves]
-    o, h = wkv7_one_token(*leaves)
-    ref_o, ref_h = wkv7_reference(*ref_leaves[:6], initial_state=ref_leaves[6], output_final_state=True)
-    weights = torch.randn_like(o), torch.randn_like(h)
-    (o * weights[0]).sum().add((h * weights[1]).sum()).backward()
-    (ref_o * weights[0]).sum().add((ref_h * weights[1]).sum()).backward()
-    for leaf, ref in zip(leaves, ref_leaves):
-        torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_one_token_step_in_place_writes_the_new_state_into_the_given_one(dtype, contiguous):
-    """in_place (decoding): the given float32 state becomes the new state and comes back, the same values as the
-    step that leaves it alone. A float32 state updates where it lies; one the step cannot update there (float64
-    inputs step in float64; a strided state does not view as [B * H, K, V]) gets the new state copied in."""
+def test_wkv7_step_writes_the_new_state_into_the_given_one(dtype, contiguous):
+    """o in the inputs' dtype; the float32 state updated where it lies, or, where it cannot be (float64 inputs step in
+    float64; a strided state does not view as [B * H, K, V]), with the new state copied in."""
     inputs, state = wkv7_inputs(2, 1, 3, 16, 16, dtype)
     state = state.float()
     if not contiguous:
         state = state.transpose(-1, -2).contiguous().transpose(-1, -2)
-    ref_o, ref_h = wkv7_one_token(*inputs, state)
-    o, h = wkv7_one_token(*inputs, state, in_place=True)
-    assert h is state and o.dtype == dtype
-    assert torch.equal(o, ref_o)
-    assert torch.equal(state, ref_h.float())
+    ref_o, ref_h = wkv7_reference(*inputs, initial_state=state, output_final_state=True)
+    o = _wkv7_step(*inputs, state)
+    assert o.dtype == dtype
+    torch.testing.assert_close(o, ref_o)
+    torch.testing.assert_close(state, ref_h.float())
 
 
-@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "new_state"])
-def test_time_mix_one_token_updates_the_state_only_in_place(in_place):
+@pytest.mark.parametrize("padded", [False, True], ids=["token", "padding"])
+@pytest.mark.parametrize("first_layer", [False, True], ids=["layer_n", "layer_0"])
+def test_time_mix_step_equals_the_reference(padded, first_layer):
     B, H, N = 2, 2, 64
     C = H * N
     g = torch.Generator().manual_seed(1)
     rows = [torch.randn(B, 1, C, generator=g, dtype=torch.float64) for _ in range(8)]
-    params = [torch.randn(C, generator=g, dtype=torch.float64) * 0.1 + 1 for _ in range(2)]
-    params += [torch.randn(H, N, generator=g, dtype=torch.float64) * 0.1]
-    params += [torch.randn(C, generator=g, dtype=torch.float64) for _ in range(2)]
+    if first_layer:
+        rows[5] = rows[6] = None  # no v LoRA, no v_first: layer 0 makes v_first
+    params = TimeMixParams(*(torch.randn(C, generator=g, dtype=torch.float64) * 0.1 + 1 for _ in range(2)),
+                           torch.randn(H, N, generator=g, dtype=torch.float64) * 0.1,
+                           *(torch.randn(C, generator=g, dtype=torch.float64) for _ in range(2)), 64e-5)
     state = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
-    before = state.clone()
-    y, _, new_state = time_mix_reference(*rows, *params, 64e-5, None, state, in_place)
-    # the same token as a sequence of two whose first token is padding (it leaves the state as it was)
-    padded = [None if t is None else torch.cat([torch.zeros_like(t), t], dim=1) for t in rows]
-    mask = torch.tensor([[0, 1]] * B)
-    ref_y, _, ref_state = time_mix_reference(*padded, *params, 64e-5, mask, before.clone())
-    torch.testing.assert_close(y, ref_y[:, 1:], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(new_state, ref_state, rtol=1e-12, atol=1e-12)
-    assert (new_state is state) == in_place
-    assert torch.equal(state, ref_state if in_place else before)
+    mask = torch.tensor([[0], [1]]) if padded else None
+    ref_y, ref_v_first, ref_state = time_mix_reference(*rows, params, state=state.clone(), attention_mask=mask)
+    y, v_first, new_state = time_mix_step(*rows, params, state, attention_mask=mask)
+    assert new_state is state
+    torch.testing.assert_close(y, ref_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v_first, ref_v_first, rtol=0, atol=0)
+    torch.testing.assert_close(state, ref_state, rtol=1e-12, atol=1e-12)
 
 
 def test_float64_decoding_steps_match_exact_math():
     """Token by token after a prompt (which makes the cache's states float64), against the official one-token math
-    in float64: the one-token path holds to rounding, not just to float32 tolerances."""
+    in float64: the decoding step holds to rounding, not just to float32 tolerances."""
     official = random_official_weights(hidden=128, layers=2, head_dim=64, seed=5)
     tokens = [5, 17, 3, 90, 42, 42, 7, 0]
     exact_logits, exact_states = official_math_fp64(official, tokens)
@@ -119,26 +90,9 @@ def test_float64_decoding_steps_match_exact_math():
         out = model(torch.tensor([tokens[:3]]), use_cache=True)
         logits = [out.logits[0]]
         for token in tokens[3:]:
+            assert choose_path(model, torch.tensor([[token]]), out.cache, None) is ForwardPath.DECODE_PYTORCH
             out = model(torch.tensor([[token]]), cache=out.cache, use_cache=True)
             logits.append(out.logits[0])
     torch.testing.assert_close(torch.cat(logits), exact_logits, rtol=1e-10, atol=1e-10)
     for wkv, exact in zip(out.cache.wkv, exact_states):
         torch.testing.assert_close(wkv[0], exact.transpose(-1, -2), rtol=1e-10, atol=1e-10)
-
-
-def test_linear_runs_a_hooked_layer_itself():
-    """A layer that accelerate hooked (to move or offload its weights) runs through its hook, not kernels.linear."""
-    from accelerate.hooks import ModelHook, add_hook_to_module
-
-    class Double(ModelHook):
-        def post_forward(self, module, output):
-            return output * 2
-
-    modeling_rwkv7.load_kernels()
-    layer = nn.Linear(8, 4)
-    x = torch.randn(1, 1, 8)
-    plain = modeling_rwkv7.linear(layer, x, "relu2", residual=x[..., :4])
-    add_hook_to_module(layer, Double())
-    hooked = modeling_rwkv7.linear(layer, x, "relu2", residual=x[..., :4])
-    torch.testing.assert_close(plain, x[..., :4] + torch.relu(layer.weight @ x[0, 0] + layer.bias).square())
-    torch.testing.assert_close(hooked, x[..., :4] + torch.relu(2 * (layer.weight @ x[0, 0] + layer.bias)).square())

@@ -2,25 +2,33 @@
 norm_shift_mix_fused.py, linear_decode.py) against their PyTorch references (rwkv7_kernels/ops_reference.py) run in
 float64, and the model's fused decoding step against its general path.
 
-Without CUDA (CI) the kernel runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
-the kernel module is imported); on a CUDA machine the same file runs it on the GPU:
-    python -m pytest tests/test_fused_decode_kernels.py
+Without CUDA (CI) the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before the kernel modules are imported); on a CUDA machine the same file runs them on the GPU:
+    python -m pytest -m "gpu or kernels"
 """
 
+import copy
 
 import pytest
 import torch
+from conftest import KERNEL_TEST_DEVICE as DEVICE  # conftest set TRITON_INTERPRET for the CPU
+from helpers import relative_rms_error as rel
+from helpers import tiny_model
 
-from conftest import KERNEL_TEST_DEVICE as DEVICE  # noqa: E402  (conftest set TRITON_INTERPRET for the CPU)
-
-from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
-from rwkv7_kernels.ops_reference import (  # noqa: E402
+from modeling_rwkv7 import ForwardPath, choose_path
+from rwkv7_kernels import TimeMixParams
+from rwkv7_kernels.linear_decode import linear_row
+from rwkv7_kernels.norm_mix_linear_decode import _COUNTERS, norm_mix_linear_row
+from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused
+from rwkv7_kernels.ops_reference import (
     linear_reference,
     norm_mix_linear_reference,
     norm_shift_mix_reference,
     time_mix_reference,
 )
-from rwkv7_kernels.time_mix_decode import lora_up, time_mix_decode_  # noqa: E402
+from rwkv7_kernels.time_mix_decode import lora_up, time_mix_decode_
+
+pytestmark = pytest.mark.kernels
 
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 2e-3}
 
@@ -47,11 +55,12 @@ def make_inputs(B, H, dtype, first_layer, seed):
     mask[0] = 0  # row 0 is padding at this step: its state must not move
     dev = lambda t, dt: None if t is None else t.to(DEVICE, dt)  # noqa: E731
     loras = {n: None if lora is None else [dev(t, dtype) for t in lora] for n, lora in loras.items()}
-    return [dev(t, dtype) for t in rows], loras, [dev(t, dtype) for t in params], state.to(DEVICE), mask.to(DEVICE)
+    params = TimeMixParams(*(dev(t, dtype) for t in params), 64e-5)
+    return [dev(t, dtype) for t in rows], loras, params, state.to(DEVICE), mask.to(DEVICE)
 
 
-def rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+def in_float64(params):
+    return TimeMixParams(*(t.double() for t in params[:5]), params.gn_eps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -73,15 +82,15 @@ def test_fused_decode_step_matches_reference(dtype, first_layer, masked, lora_in
 
     ref_state = state.double().clone()
     ref_y, _, _ = time_mix_reference(double(r), lora_out("w"), double(k), double(v), lora_out("a"), lora_out("v"),
-                                     double(v_first), lora_out("g"), *map(double, params), 64e-5, mask, ref_state,
-                                     in_place=True)
+                                     double(v_first), lora_out("g"), in_float64(params), state=ref_state,
+                                     attention_mask=mask, in_place=True)
     before = state.clone()
     if lora_inputs == "outputs":  # the LoRAs applied outside the kernel
         loras = {n: None if lora is None else (lora_out(n).to(dtype), None, None) for n, lora in loras.items()}
     if lora_inputs == "lora_up":  # applied outside by the one-launch kernel, as for many rows
         loras = dict(zip(loras, lora_up(list(loras.values()))))
-    y, returned_v_first, returned = time_mix_decode_(r, k, v, loras["w"], loras["a"], loras["v"], loras["g"], v_first,
-                                                     *params, 64e-5, mask, state)
+    y, returned_v_first, returned = time_mix_decode_(r, k, v, (loras["w"], loras["a"], loras["v"], loras["g"]),
+                                                     v_first, params, state, mask)
     assert returned is state and y.dtype == dtype and y.shape == (B, 1, H * 64)
     if first_layer:
         assert torch.equal(returned_v_first, v)
@@ -113,8 +122,6 @@ def test_lora_up_matches_reference(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("masked", [False, True], ids=["token", "padding"])
 def test_norm_mix_linear_row_matches_reference(dtype, masked):
-    from rwkv7_kernels.norm_mix_linear_decode import _COUNTERS, norm_mix_linear_row
-
     C = 96 if DEVICE == "cpu" else 2560  # not a power of two
     sizes_acts = [(C, None), (C, None), (13, "tanh"), (8, None), (7, "sigmoid"), (32, "relu2")]  # ragged blocks
     g = torch.Generator().manual_seed(int(masked))
@@ -158,7 +165,7 @@ def test_fused_norm_shift_mix_matches_reference(dtype, mixes, with_bias):
     ref_mixed, _ = norm_shift_mix_reference(x.double(), weight.double(), None if bias is None else bias.double(),
                                             1e-5, ref_prev, mix.double(), mask, in_place=True)
     ref_mixed = torch.stack(ref_mixed)
-    mixed, returned = norm_shift_mix_fused(x, weight, bias, 1e-5, prev, mix, mask, in_place=True)
+    mixed, returned = norm_shift_mix_fused(x, prev, mix, (weight, bias, 1e-5), mask, in_place=True)
     assert returned is prev and mixed.shape == (mixes, B, 1, C) and mixed.dtype == dtype
     bound = 1e-6 if dtype == torch.float32 else 5e-3
     assert rel(mixed, ref_mixed) <= bound and rel(prev, ref_prev) <= bound, (rel(mixed, ref_mixed), rel(prev, ref_prev))
@@ -169,9 +176,6 @@ def test_fused_norm_shift_mix_matches_reference(dtype, mixes, with_bias):
 @pytest.mark.parametrize("shape", [(96, 200), (1030, 64)], ids=["N96_K200", "N1030_K64"])  # N, K: ragged blocks
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "bias_residual"])
 def test_linear_row_matches_reference(activation, shape, extras):
-    from rwkv7_kernels.linear_decode import linear_row
-    from rwkv7_kernels.ops_reference import linear_reference
-
     N, K = shape
     g = torch.Generator().manual_seed(N + K)
     x = torch.randn(1, 1, K, generator=g).to(DEVICE, torch.bfloat16)
@@ -185,22 +189,14 @@ def test_linear_row_matches_reference(activation, shape, extras):
     assert rel(y, ref) <= 5e-3, rel(y, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3], ids=["one_row", "three_rows"])
 @torch.no_grad()
-def test_model_fused_decoding_step_equals_general_path(batch, monkeypatch):
-    """The model's decoding step through the fused kernels (on the CPU under the interpreter in CI) gives the
-    logits and states of its general path: projections, LoRA halves and mixes are wired to the right inputs."""
-    import copy
-
-    import modeling_rwkv7
-    from configuration_rwkv7 import RWKV7Config
-    from modeling_rwkv7 import RWKV7ForCausalLM
-    from official import random_official_weights, to_fla
-
-    config, weights = to_fla(random_official_weights(hidden=128, layers=3, vocab=300, seed=5))
-    model = RWKV7ForCausalLM(RWKV7Config(**config)).eval().to(DEVICE)
-    model.load_state_dict(weights)
-    model._decode_graphs = False  # eager steps: the graph is tested on the GPU (test_gpu_model.py)
+def test_model_fused_decoding_step_equals_pytorch(batch):
+    """The model's decoding step through the fused kernels (implementation "triton"; on the CPU under the interpreter
+    in CI) gives the logits and states of the PyTorch path: projections, LoRA halves and mixes are wired to the right
+    inputs."""
+    model = tiny_model(hidden=128, layers=3, vocab=300, seed=5).to(DEVICE)
     g = torch.Generator().manual_seed(batch)
     prompt = torch.randint(0, 300, (batch, 7), generator=g).to(DEVICE)
     mask = torch.ones(batch, 8, dtype=torch.long, device=DEVICE)
@@ -208,17 +204,57 @@ def test_model_fused_decoding_step_equals_general_path(batch, monkeypatch):
     if batch > 1:
         mask[0, -1] = 0  # and row 0 gets a padding token while decoding
     fused_cache = model(prompt, attention_mask=mask[:, :7], use_cache=True).cache
-    general_cache = copy.deepcopy(fused_cache)
-    fused_kernels = modeling_rwkv7.kernels.fused_decoding
+    pytorch_cache = copy.deepcopy(fused_cache)
     token = torch.randint(0, 300, (batch, 1), generator=g).to(DEVICE)
     for _ in range(2):
-        monkeypatch.setattr(modeling_rwkv7.kernels, "fused_decoding", lambda x, head_dim=None: head_dim in (None, 64))
+        model.set_implementation("triton")  # eager steps: the graph is tested on the GPU (test_gpu_model.py)
+        assert choose_path(model, token, fused_cache, mask) is ForwardPath.DECODE_TRITON
         fused = model(token, attention_mask=mask, cache=fused_cache).logits
-        monkeypatch.setattr(modeling_rwkv7.kernels, "fused_decoding", lambda x, head_dim=None: False)
-        general = model(token, attention_mask=mask, cache=general_cache).logits
-        assert rel(fused, general) <= 1e-5, rel(fused, general)
-        token = general.argmax(-1)
-    monkeypatch.setattr(modeling_rwkv7.kernels, "fused_decoding", fused_kernels)
-    for mine, theirs in zip(fused_cache.wkv + fused_cache.attn_shift + fused_cache.ffn_shift,
-                            general_cache.wkv + general_cache.attn_shift + general_cache.ffn_shift):
-        assert rel(mine, theirs) <= 1e-5
+        model.set_implementation("pytorch")
+        assert choose_path(model, token, pytorch_cache, mask) is ForwardPath.DECODE_PYTORCH
+        pytorch = model(token, attention_mask=mask, cache=pytorch_cache).logits
+        assert rel(fused, pytorch) <= 1e-5, rel(fused, pytorch)
+        token = pytorch.argmax(-1)
+    for mine, theirs in zip(fused_cache.states, pytorch_cache.states):
+        for a, b in zip(mine, theirs):
+            assert rel(a, b) <= 1e-5
+
+
+@torch.no_grad()
+def test_decoding_kernels_never_bypass_a_wrapped_or_hooked_projection():
+    """The fused decoding kernels read weights directly: with a projection that is not a plain nn.Linear (PEFT,
+    quantised) or that accelerate hooks (to move or offload its weight), the step runs the PyTorch path, through
+    the module."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Double(ModelHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    model = tiny_model(hidden=128, layers=2, vocab=300, seed=8).to(DEVICE)
+    model.set_implementation("triton")
+    cache = model(torch.tensor([[1, 2, 3]], device=DEVICE), use_cache=True).cache
+    token = torch.tensor([[4]], device=DEVICE)
+    assert choose_path(model, token, cache, None) is ForwardPath.DECODE_TRITON
+    add_hook_to_module(model.model.layers[1].ffn.value, Double())
+    assert choose_path(model, token, cache, None) is ForwardPath.DECODE_PYTORCH
+    hooked = model(token, cache=copy.deepcopy(cache)).logits
+    model.set_implementation("pytorch")
+    torch.testing.assert_close(hooked, model(token, cache=copy.deepcopy(cache)).logits, rtol=1e-5, atol=1e-5)
+    model.model.layers[1].ffn.value = torch.nn.Linear(4 * 128, 128, bias=False, device=DEVICE)  # a plain one again
+    model.set_implementation("triton")
+    assert choose_path(model, token, cache, None) is ForwardPath.DECODE_TRITON
+
+    class Wrapper(torch.nn.Module):  # as PEFT wraps a layer
+        def __init__(self, base_layer):
+            super().__init__()
+            self.base_layer = base_layer
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+    model.model.layers[0].attn.r_proj = Wrapper(model.model.layers[0].attn.r_proj)
+    assert choose_path(model, token, cache, None) is ForwardPath.DECODE_PYTORCH
+    model.lm_head = Wrapper(model.lm_head)
+    model.model.layers[0].attn.r_proj = model.model.layers[0].attn.r_proj.base_layer
+    assert choose_path(model, token, cache, None) is ForwardPath.DECODE_PYTORCH  # the head too

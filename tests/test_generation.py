@@ -10,7 +10,8 @@ import threading
 
 import pytest
 import torch
-from official import REPO, random_official_weights, to_fla, write_model_dir
+from helpers import tiny_model
+from official import REPO, random_official_weights, write_model_dir
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -21,8 +22,7 @@ from transformers import (
     TextStreamer,
 )
 
-from configuration_rwkv7 import RWKV7Config
-from modeling_rwkv7 import RWKV7Cache, RWKV7ForCausalLM
+from modeling_rwkv7 import RWKV7Cache
 
 VOCAB = 97
 PROMPTS = [[5, 17, 3, 90, 42, 42, 7, 61, 12], [33, 8, 1], [70, 70, 2, 9, 11, 4]]
@@ -30,12 +30,11 @@ PROMPTS = [[5, 17, 3, 90, 42, 42, 7, 61, 12], [33, 8, 1], [70, 70, 2, 9, 11, 4]]
 
 @pytest.fixture(scope="module")
 def model():
-    config, state = to_fla(random_official_weights(hidden=128, layers=2, head_dim=32, vocab=VOCAB, seed=21))
-    model = RWKV7ForCausalLM(RWKV7Config(**config, eos_token_id=None, bos_token_id=None, pad_token_id=0))
-    model.load_state_dict(state)
+    model = tiny_model(hidden=128, layers=2, head_dim=32, vocab=VOCAB, seed=21,
+                       config=dict(eos_token_id=None, bos_token_id=None, pad_token_id=0))
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
-    return model.eval()
+    return model
 
 
 def left_pad(prompts, pad=0):

@@ -1,33 +1,24 @@
 """The model on a CUDA GPU: Triton kernels against the CPU reference, and graphed decoding against eager decoding.
 
-These need a CUDA GPU; on a machine with one, run
-    python -m pytest tests/test_gpu_model.py tests/test_kernels.py
-CI has no GPU, so there every test here is skipped with that reason.
+These need a CUDA GPU (marker `gpu`); on a machine with one, run
+    python -m pytest -m "gpu or kernels"
 """
 
 import copy
+import gc
 
 import pytest
 import torch
-from official import random_official_weights, to_fla
+from helpers import relative_rms_error as rel
+from helpers import tiny_model
 
-from configuration_rwkv7 import RWKV7Config
-from modeling_rwkv7 import RWKV7DecodeGraph, RWKV7ForCausalLM
+from modeling_rwkv7 import ForwardPath, RWKV7DecodeGraph, choose_path
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU: python -m pytest tests/test_gpu_model.py on one"
-)
+pytestmark = pytest.mark.gpu
 
 
 def make_model(seed=0, layers=3, hidden=256, vocab=1000):
-    config, state = to_fla(random_official_weights(hidden=hidden, layers=layers, vocab=vocab, seed=seed))
-    model = RWKV7ForCausalLM(RWKV7Config(**config))
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def rms_rel(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+    return tiny_model(hidden=hidden, layers=layers, vocab=vocab, seed=seed)
 
 
 @torch.no_grad()
@@ -37,19 +28,31 @@ def test_gpu_bf16_logits_match_cpu_reference():
     ids = torch.randint(0, 1000, (2, 300), generator=torch.Generator().manual_seed(0))
     ref = cpu(ids, use_cache=True)
     out = gpu(ids.cuda(), use_cache=True)
-    error = rms_rel(out.logits.float().cpu(), ref.logits)
+    error = rel(out.logits.float().cpu(), ref.logits)
     print(f"\nbf16 GPU vs float32 CPU logits: relative RMS error {error:.2e}")
     assert error <= 5e-3 * 4  # bf16 weights and activations through 3 layers; the WKV kernel alone is <= 5e-3
     for mine, theirs in zip(out.cache.wkv, ref.cache.wkv):
         assert mine.dtype == torch.float32
-        assert rms_rel(mine.cpu(), theirs) <= 2e-2
+        assert rel(mine.cpu(), theirs) <= 2e-2
+
+
+def graphed_and_eager_step(model, tokens, mask, cache, eager_cache):
+    """The logits of one decoding step replayed from a CUDA graph (implementation "auto") and run eagerly through
+    the same kernels (implementation "triton")."""
+    model.set_implementation("auto")
+    assert choose_path(model, tokens, cache, mask, graphable=True) is ForwardPath.DECODE_GRAPH
+    graphed = model(tokens, attention_mask=mask, cache=cache).logits
+    model.set_implementation("triton")
+    eager = model(tokens, attention_mask=mask, cache=eager_cache).logits
+    model.set_implementation("auto")
+    return graphed, eager
 
 
 @pytest.mark.parametrize("many_rows", [False, True], ids=["4_rows", "lora_up_rows"])
 @torch.no_grad()
 def test_graphed_decoding_equals_eager_decoding(many_rows):
     """A CUDA graph replays the eager step exactly; with many rows the time mix applies its LoRAs in a launch of
-    their own first (kernels.fused_time_mix), which the graph must hold too."""
+    their own first (decode_step.time_mix), which the graph must hold too."""
     model = make_model(seed=1).to("cuda", torch.bfloat16)
     heads = model.config.hidden_size // model.config.head_dim
     batch = 2 * torch.cuda.get_device_properties(0).multi_processor_count // heads + 1 if many_rows else 4
@@ -61,14 +64,13 @@ def test_graphed_decoding_equals_eager_decoding(many_rows):
     padded[0] = 0  # row 0 gets a padding token
     for step in range(6):
         mask = padded if step % 3 == 0 else None  # and the steps after it, without a mask, none
-        graphed = model(tokens, attention_mask=mask, cache=cache).logits
-        eager = model._forward_eager(input_ids=tokens, attention_mask=mask, cache=eager_cache,
-                                     return_dict=True).logits
+        graphed, eager = graphed_and_eager_step(model, tokens, mask, cache, eager_cache)
         torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
         tokens = graphed[:, -1].argmax(-1, keepdim=True)
     assert isinstance(model._decode_graphs[batch], RWKV7DecodeGraph)
-    for mine, theirs in zip(cache.wkv + cache.attn_shift, eager_cache.wkv + eager_cache.attn_shift):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    for mine, theirs in zip(cache.states, eager_cache.states):
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @torch.no_grad()
@@ -80,14 +82,38 @@ def test_two_caches_decoding_in_turn_keep_their_own_states():
     token = torch.tensor([[7]], device="cuda")
     for _ in range(3):
         for cache, reference in zip((first, second), references):
-            graphed = model(token, cache=cache).logits
-            eager = model._forward_eager(input_ids=token, cache=reference, return_dict=True).logits
+            graphed, eager = graphed_and_eager_step(model, token, None, cache, reference)
             torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
     assert not any(a is b for a, b in zip(first.wkv, second.wkv))
     # a copy taken while its cache holds the graph's tensors is independent of it
     snapshot = copy.deepcopy(second)
     model(token, cache=second)
     assert not torch.equal(snapshot.wkv[0], second.wkv[0])
+
+
+@torch.no_grad()
+def test_graph_follows_a_changed_module_tree():
+    """A graph captured before a projection is wrapped (PEFT) replays no more: the next step captures anew, through
+    the wrapper."""
+    model = make_model(seed=6).to("cuda", torch.bfloat16)
+    cache = model(torch.randint(0, 1000, (1, 8), device="cuda"), use_cache=True).cache
+    token = torch.tensor([[3]], device="cuda")
+    model(token, cache=copy.deepcopy(cache))
+    before = model._decode_graphs[1]
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, base_layer):
+            super().__init__()
+            self.base_layer = base_layer
+
+        def forward(self, x):
+            return 2 * self.base_layer(x)
+
+    model.model.layers[2].ffn.value = Doubled(model.model.layers[2].ffn.value)
+    graphed = model(token, cache=copy.deepcopy(cache)).logits
+    assert model._decode_graphs[1] is not before
+    model.set_implementation("pytorch")
+    torch.testing.assert_close(graphed, model(token, cache=copy.deepcopy(cache)).logits, rtol=2e-2, atol=2e-2)
 
 
 @torch.no_grad()
@@ -98,17 +124,15 @@ def test_generate_on_gpu_greedy_beam_and_batch():
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
-    model._decode_graphs = False  # graphs off: every step eager
+    model.set_implementation("triton")  # graphs off: every step eager
     eager = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
-    model.release_decode_graphs()  # graphs back on
+    model.set_implementation("auto")
     assert torch.equal(greedy, eager)
     beams = model.generate(ids, attention_mask=mask, max_new_tokens=10, num_beams=3, do_sample=False)
     assert beams.shape == (2, 22)
 
 
 def test_graph_memory_is_released_with_the_model():
-    import gc
-
     def decode_with_a_fresh_model():
         model = make_model(seed=4).to("cuda", torch.bfloat16)
         with torch.no_grad():
@@ -141,4 +165,4 @@ def test_cuda_without_usable_triton_runs_the_pytorch_path(monkeypatch):
     out = gpu.generate(ids.cuda(), **kwargs)
     assert gpu._decode_graphs  # the decoding steps ran as a CUDA graph
     assert torch.equal(out.sequences.cpu(), ref.sequences)
-    assert rms_rel(torch.stack(out.scores).cpu(), torch.stack(ref.scores)) <= 1e-4
+    assert rel(torch.stack(out.scores).cpu(), torch.stack(ref.scores)) <= 1e-4

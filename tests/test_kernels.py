@@ -6,7 +6,7 @@ Errors are relative RMS, ||x - ref|| / ||ref||, against rwkv7_kernels/wkv7_refer
 Without CUDA (CI), the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before
 the kernel modules are imported) at small shapes. On a CUDA machine the same file runs them on the GPU, at larger
 shapes too, T = 65536 included (no drift over long sequences):
-    python -m pytest tests/test_kernels.py            # on a CUDA machine; WKV7_TEST_DEVICE=cpu forces the CPU
+    python -m pytest -m "gpu or kernels"              # on a CUDA machine; WKV7_TEST_DEVICE=cpu forces the CPU
 On the GPU this takes several minutes, mostly the float64 reference's Python loop over time steps.
 """
 
@@ -14,13 +14,15 @@ On the GPU this takes several minutes, mostly the float64 reference's Python loo
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KERNEL_TEST_DEVICE as DEVICE  # conftest set TRITON_INTERPRET for the CPU
+from helpers import relative_rms_error as rel
 
-from conftest import KERNEL_TEST_DEVICE as DEVICE  # noqa: E402  (conftest set TRITON_INTERPRET for the CPU)
+from rwkv7_kernels import triton_supported
+from rwkv7_kernels.common import DECAY_SCALE
+from rwkv7_kernels.wkv7_chunk import chunk_wkv7
+from rwkv7_kernels.wkv7_reference import wkv7_reference
 
-triton = pytest.importorskip("triton")
-
-from rwkv7_kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
-from rwkv7_kernels.wkv7_reference import wkv7_reference  # noqa: E402
+pytestmark = pytest.mark.kernels
 
 K = V = 64
 # (outputs and states, gradients) bounds per input dtype
@@ -31,8 +33,6 @@ DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in BOUNDS]
 def test_kernels_need_triton_3_5():
     """The decoding kernels' griddepcontrol does not compile before triton 3.5: with an older one every op runs its
     PyTorch reference (kernels.HAS_TRITON is False; a warning says so on CUDA machines)."""
-    from rwkv7_kernels import triton_supported
-
     assert not triton_supported("3.4.0") and not triton_supported("3.0.0") and not triton_supported("2.3.1")
     assert triton_supported("3.5.0") and triton_supported("3.10.1+git1a2b3c4") and triton_supported("4.0.0")
 
@@ -43,18 +43,12 @@ def make_inputs(B, T, H, dtype, seed=0, long_memory=False):
     g = torch.Generator().manual_seed(seed)
     n = lambda: torch.randn(B, T, H, K, generator=g)  # noqa: E731
     r, k, v = n() * 0.5, n() * 0.5, torch.randn(B, T, H, V, generator=g)
-    w = -0.6065306597126334 * torch.sigmoid(n() * 2 - (12 if long_memory else 1))
+    w = -DECAY_SCALE * torch.sigmoid(n() * 2 - (12 if long_memory else 1))
     kk = F.normalize(n(), dim=-1)
     a_gate = torch.sigmoid(n())
     a, b = -kk, kk * a_gate
     dev = lambda x, dt: x.to(DEVICE, dt)  # noqa: E731
     return dev(r, dtype), dev(w, torch.float32), dev(k, dtype), dev(v, dtype), dev(a, dtype), dev(b, dtype)
-
-
-def rel(x, ref):
-    x, ref = x.double(), ref.double()
-    assert torch.isfinite(x).all()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def check_chunk(B, T, H, dtype, with_h0, cu_seqlens=None, grads=True, seed=0, long_memory=False):
@@ -101,7 +95,7 @@ def test_chunk_single_step(dtype):
     check_chunk(2, 1, 2, dtype, with_h0=True)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="T = 65536 is GPU only: python -m pytest tests/test_kernels.py on a CUDA machine")
+@pytest.mark.gpu  # T = 65536: far too slow under the interpreter
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bfloat16")])
 @pytest.mark.parametrize("long_memory", [False, True], ids=["decay", "long_memory"])
 def test_chunk_long_sequence(dtype, long_memory):

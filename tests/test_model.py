@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
-from official import official_math_fp64, official_model, random_official_weights, to_fla, write_model_dir
+from helpers import max_error_over_std, tiny_model
+from official import official_math_fp64, official_model, random_official_weights, write_model_dir
 import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
 from configuration_rwkv7 import RWKV7Config
-from modeling_rwkv7 import RWKV7Cache, RWKV7ForCausalLM
+
 
 # (hidden, layers, head_dim, LoRA ranks w/a/v/g, ffn width): one layer; non-default ranks; 4 heads and 5 layers
 SHAPES = {
@@ -24,18 +25,6 @@ DTYPE_ARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else
 TOKENS = [5, 17, 3, 90, 42, 42, 7, 0, 61, 12, 33, 8]
 
 
-def build_model(official, dtype=torch.float32):
-    config, state = to_fla(official)
-    model = RWKV7ForCausalLM(RWKV7Config(**config))
-    missing, unexpected = model.load_state_dict(state, strict=True)
-    assert not missing and not unexpected
-    return model.to(dtype).eval()
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).abs().max() / ref.double().std()).item()
-
-
 @pytest.fixture(scope="module", params=list(SHAPES))
 def case(request, tmp_path_factory):
     official = random_official_weights(**SHAPES[request.param], seed=len(request.param))
@@ -45,7 +34,7 @@ def case(request, tmp_path_factory):
 
 def test_matches_official_whole_sequence_and_token_by_token(case):
     name, official, ref = case
-    model = build_model(official)
+    model = tiny_model(official)
     L = model.config.num_hidden_layers
 
     ref_seq, ref_state = ref.forward(TOKENS, None, full_output=True)
@@ -65,8 +54,8 @@ def test_matches_official_whole_sequence_and_token_by_token(case):
     ours_seq, ours_steps = out.logits[0], torch.stack(ours_steps)
 
     errors = {
-        "sequence": rel_err(ours_seq, ref_seq),
-        "token-by-token": rel_err(ours_steps, ref_steps),
+        "sequence": max_error_over_std(ours_seq, ref_seq),
+        "token-by-token": max_error_over_std(ours_steps, ref_steps),
     }
     print(f"\n{name}: max|diff|/std vs official: {errors}")
     assert errors["sequence"] <= 5e-5, errors
@@ -86,8 +75,8 @@ def test_float64_is_closer_to_exact_math(case):
     errors = {}
     for dtype in (torch.float32, torch.float64):
         with torch.no_grad():
-            out = build_model(official, dtype)(torch.tensor([TOKENS]), use_cache=True)
-        errors[dtype] = rel_err(out.logits[0], exact_logits)
+            out = tiny_model(official, dtype)(torch.tensor([TOKENS]), use_cache=True)
+        errors[dtype] = max_error_over_std(out.logits[0], exact_logits)
         if dtype == torch.float64:
             for i, state in enumerate(exact_states):
                 torch.testing.assert_close(out.cache.wkv[i][0], state.transpose(-1, -2).to(torch.float64))
@@ -97,7 +86,7 @@ def test_float64_is_closer_to_exact_math(case):
 
 
 def test_sequence_equals_pieces_with_cache_equals_token_by_token():
-    model = build_model(random_official_weights(hidden=128, layers=3, head_dim=32, seed=3))
+    model = tiny_model(random_official_weights(hidden=128, layers=3, head_dim=32, seed=3))
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         whole = model(ids).logits
@@ -126,13 +115,13 @@ def test_packed_x_x_layout_loads_to_the_same_logits(tmp_path):
         with torch.no_grad():
             logits[packed] = model(ids).logits
     torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=0)
-    torch.testing.assert_close(logits[False], build_model(official)(ids).logits, rtol=0, atol=0)
+    torch.testing.assert_close(logits[False], tiny_model(official)(ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_save_and_load_round_trip(tmp_path, dtype):
     official = random_official_weights(hidden=128, layers=2, seed=5)
-    reference = build_model(official)
+    reference = tiny_model(official)
     folder = write_model_dir(tmp_path / "src", official, dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **{DTYPE_ARG: dtype})
     assert {p.dtype for p in model.parameters()} == {dtype}
@@ -150,11 +139,11 @@ def test_save_and_load_round_trip(tmp_path, dtype):
         ref = reference(ids).logits
     assert out.cache.wkv[0].dtype == torch.float32
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
-    assert rel_err(out.logits.float(), ref) <= tolerance
+    assert max_error_over_std(out.logits.float(), ref) <= tolerance
 
 
 def test_loss_hidden_states_and_tuple_outputs():
-    model = build_model(random_official_weights(hidden=128, layers=2, seed=6))
+    model = tiny_model(random_official_weights(hidden=128, layers=2, seed=6))
     ids = torch.tensor([TOKENS, TOKENS[::-1]])
     labels = ids.clone()
     labels[0, 3] = -100
@@ -180,7 +169,7 @@ def test_loss_hidden_states_and_tuple_outputs():
 
 
 def test_cache_copies_are_independent_and_reorderable():
-    model = build_model(random_official_weights(hidden=128, layers=2, seed=7))
+    model = tiny_model(random_official_weights(hidden=128, layers=2, seed=7))
     ids = torch.tensor([TOKENS])
     with torch.no_grad():
         prefix = model(ids[:, :6], use_cache=True).cache
@@ -269,7 +258,7 @@ def test_base_model_loads_from_a_causal_lm_checkpoint(tmp_path):
     official = random_official_weights(hidden=128, layers=2, seed=14)
     ids = torch.tensor([TOKENS])
     with torch.no_grad():
-        expected = build_model(official).model(ids).last_hidden_state
+        expected = tiny_model(official).model(ids).last_hidden_state
     for packed in (False, True):
         folder = write_model_dir(tmp_path / f"packed{packed}", official, pack_x_x=packed)
         base = AutoModel.from_pretrained(folder, trust_remote_code=True)
@@ -308,7 +297,7 @@ def test_wrong_shapes_are_named_with_both_shapes(tmp_path):
 
 
 def test_empty_input_is_a_clear_error():
-    model = build_model(random_official_weights(hidden=128, layers=1, seed=16))
+    model = tiny_model(random_official_weights(hidden=128, layers=1, seed=16))
     empty = torch.zeros(2, 0, dtype=torch.long)
     with pytest.raises(ValueError, match=r"empty \(shape \(2, 0\)\)"):
         model(empty)

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 
+import pytest
 from helpers import run_python
 from hub_cache import add_repo_to_cache
 from official import REPO, random_official_weights, write_model_dir
@@ -18,6 +19,7 @@ def readme_snippets():
     return re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.DOTALL | re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_readme_python_snippets_run_as_written(tmp_path):
     snippets = readme_snippets()
     assert len(snippets) >= 4 and all(HUB_ID in s for s in (snippets[0], snippets[-1]))

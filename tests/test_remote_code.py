@@ -48,6 +48,7 @@ def expected_logits(official):
         return model(torch.tensor(TOKENS)).logits
 
 
+@pytest.mark.slow
 def test_local_folder_imports_its_own_kernels(tmp_path):
     official = random_official_weights(hidden=128, layers=2, seed=11)
     folder = write_model_dir(tmp_path / "local_model", official)
@@ -59,6 +60,7 @@ def test_local_folder_imports_its_own_kernels(tmp_path):
         torch.testing.assert_close(model(torch.tensor(TOKENS)).logits, expected_logits(official))
 
 
+@pytest.mark.slow
 def test_hub_repo_id_from_offline_cache_uses_kernels_of_the_same_commit(tmp_path):
     official = random_official_weights(hidden=128, layers=2, seed=12)
     old = write_model_dir(tmp_path / "old", official, pack_x_x=True)  # an older upload, in the packed layout
@@ -81,6 +83,7 @@ def test_hub_repo_id_from_offline_cache_uses_kernels_of_the_same_commit(tmp_path
     assert new_commit != old_commit
 
 
+@pytest.mark.slow
 def test_source_checkout_import_and_no_triton_needed(tmp_path):
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -129,6 +132,7 @@ print(json.dumps({{"auto": type(auto).__module__, "ours": type(model).__module__
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(Version(transformers.__version__) < Version("5.6.2"), reason="fla 0.6 needs transformers >= 5.6.2")
 def test_with_fla_imported_the_readme_way_loads_this_package(tmp_path):
     """`import fla` registers fla's RWKV-7 classes in the process, and transformers then prefers them to a repo's

@@ -303,6 +303,7 @@ def _run_loader(target, env_extra, tmp_path):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_autotokenizer_local_folder(model_dir, tmp_path, official):
     r = _run_loader(str(model_dir), {}, tmp_path)
     assert r["cls"] == "RWKV7Tokenizer"
@@ -311,6 +312,7 @@ def test_autotokenizer_local_folder(model_dir, tmp_path, official):
     assert r["chat"] == "User: hi\n\nAssistant:"
 
 
+@pytest.mark.slow
 def test_autotokenizer_offline_hub_cache(model_dir, tmp_path, official):
     from hub_cache import add_repo_to_cache
 

@@ -3,21 +3,15 @@
 import copy
 
 import torch
-from official import random_official_weights, to_fla
+from helpers import tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
-
-from configuration_rwkv7 import RWKV7Config
-from modeling_rwkv7 import RWKV7ForCausalLM
 
 VOCAB = 97
 
 
 def make_model(seed=31):
-    config, state = to_fla(random_official_weights(hidden=128, layers=2, head_dim=32, vocab=VOCAB, seed=seed))
-    model = RWKV7ForCausalLM(RWKV7Config(**config))
-    model.load_state_dict(state)
-    return model
+    return tiny_model(hidden=128, layers=2, head_dim=32, vocab=VOCAB, seed=seed).train()
 
 
 def batch(seed=0, size=4, length=24):

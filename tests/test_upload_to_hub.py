@@ -2,20 +2,20 @@
 update-code would send (the network boundary is replaced at the HfApi methods only; nothing reaches the Hub)."""
 
 import json
-import os
 import shutil
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_python
+from helpers import max_error_over_std, run_python
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from official import REPO, copy_code, official_model, random_official_weights, write_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import official
 import upload_to_hub
+from hub_tools import convert, files, publish
 
 SHAPES = {
     "128x1": dict(hidden=128, layers=1, ranks=(16, 16, 8, 32)),
@@ -23,10 +23,6 @@ SHAPES = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENS = [5, 17, 3, 90, 42, 42, 7, 0, 61, 12]
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).abs().max() / ref.double().std()).item()
 
 
 def full_model_error(folder, official_sd, dtype, tmp_path, tokens=TOKENS):
@@ -37,7 +33,7 @@ def full_model_error(folder, official_sd, dtype, tmp_path, tokens=TOKENS):
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0]
-    return rel_err(logits, reference)
+    return max_error_over_std(logits, reference)
 
 
 def run_cli(*args):
@@ -68,15 +64,15 @@ def test_convert_matches_official(tmp_path, shape, dtype):
     sd = random_official_weights(**SHAPES[shape], seed=len(shape))
     torch.save(sd, tmp_path / "model.pth")
     out = tmp_path / "out"
-    verified = upload_to_hub.convert(tmp_path / "model.pth", out, DTYPES[dtype], tokenizer="none")
+    verified = convert.convert(tmp_path / "model.pth", out, DTYPES[dtype], tokenizer="none")
 
     config = json.loads((out / "config.json").read_text())
-    expected = upload_to_hub.config_from_official({k: v.shape for k, v in sd.items()})
+    expected = convert.config_from_official({k: v.shape for k, v in sd.items()})
     assert {k: config[k] for k in expected} == expected
-    assert config["auto_map"] == upload_to_hub.AUTO_MAP and config["dtype"] == config["torch_dtype"] == dtype
+    assert config["auto_map"] == files.AUTO_MAP and config["dtype"] == config["torch_dtype"] == dtype
     assert config["bos_token_id"] == config["eos_token_id"] == config["pad_token_id"] == 0
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
-        ["config.json", "generation_config.json", "model.safetensors", *upload_to_hub.MODEL_CODE_FILES]
+        ["config.json", "generation_config.json", "model.safetensors", *files.MODEL_CODE_FILES]
     )
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert {p.dtype for p in model.parameters()} == {DTYPES[dtype]}
@@ -86,6 +82,7 @@ def test_convert_matches_official(tmp_path, shape, dtype):
     assert verified <= 5e-5 and whole <= 5e-5
 
 
+@pytest.mark.slow
 def test_cli_convert_world_model_sharded_with_tokenizer(tmp_path):
     """The command line end to end on a World-vocabulary model, sharded, with the tokenizer files."""
     sd = random_official_weights(hidden=128, layers=2, vocab=65536, seed=11)
@@ -98,7 +95,7 @@ def test_cli_convert_world_model_sharded_with_tokenizer(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) == 3 and shards[0] == "model-00001-of-00003.safetensors"  # embedding, blocks, head
-    for name in ("generation_config.json", *upload_to_hub.TOKENIZER_FILES, *upload_to_hub.CODE_FILES):
+    for name in ("generation_config.json", *files.TOKENIZER_FILES, *files.CODE_FILES):
         assert (out / name).read_bytes() == (REPO / name).read_bytes(), name
 
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
@@ -124,7 +121,7 @@ def test_convert_streams_one_shard_at_a_time(tmp_path, monkeypatch):
     sd = random_official_weights(hidden=256, layers=3, seed=2)
     torch.save(sd, tmp_path / "model.pth")
     written = []  # (file name, bytes, weak references to its tensors)
-    save_file = upload_to_hub.save_file
+    save_file = convert.save_file
 
     def recording_save_file(tensors, filename, metadata=None):
         if Path(filename).name.startswith("model-"):
@@ -134,9 +131,9 @@ def test_convert_streams_one_shard_at_a_time(tmp_path, monkeypatch):
             written.append((Path(filename).name, sizes, [weakref.ref(t) for t in tensors.values()]))
         save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(upload_to_hub, "save_file", recording_save_file)
+    monkeypatch.setattr(convert, "save_file", recording_save_file)
     limit = 200_000
-    upload_to_hub.convert(tmp_path / "model.pth", tmp_path / "out", torch.bfloat16, max_shard_size=limit, tokenizer="none")
+    convert.convert(tmp_path / "model.pth", tmp_path / "out", torch.bfloat16, max_shard_size=limit, tokenizer="none")
 
     assert len(written) >= 8
     for name, sizes, _ in written:
@@ -196,7 +193,7 @@ def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
     """A conversion whose logits disagree with the official package is an error, and its folder is removed."""
     sd = random_official_weights(hidden=128, layers=2, seed=8)
     torch.save(sd, tmp_path / "model.pth")
-    real = upload_to_hub.official_to_fla
+    real = convert.official_to_fla
 
     def swapped_projections(key, tensor):  # a mapping bug: r and k projections exchanged
         name, tensor = real(key, tensor) or (None, None)
@@ -204,20 +201,20 @@ def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
             return None
         return name.replace("r_proj", "@").replace("k_proj", "r_proj").replace("@", "k_proj"), tensor
 
-    monkeypatch.setattr(upload_to_hub, "official_to_fla", swapped_projections)
-    with pytest.raises(upload_to_hub.VerificationError, match="differ from the official"):
-        upload_to_hub.convert(tmp_path / "model.pth", tmp_path / "out", tokenizer="none")
+    monkeypatch.setattr(convert, "official_to_fla", swapped_projections)
+    with pytest.raises(convert.VerificationError, match="differ from the official"):
+        convert.convert(tmp_path / "model.pth", tmp_path / "out", tokenizer="none")
     assert leftovers(tmp_path, "out") == []
 
 
 def test_convert_refuses_world_tokenizer_for_a_small_vocabulary_and_existing_output(tmp_path):
     torch.save(random_official_weights(hidden=128, layers=1), tmp_path / "model.pth")
     with pytest.raises(ValueError, match="--tokenizer none"):
-        upload_to_hub.convert(tmp_path / "model.pth", tmp_path / "out")
+        convert.convert(tmp_path / "model.pth", tmp_path / "out")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("a maintainer's file")
     with pytest.raises(FileExistsError):
-        upload_to_hub.convert(tmp_path / "model.pth", tmp_path / "out", tokenizer="none")
+        convert.convert(tmp_path / "model.pth", tmp_path / "out", tokenizer="none")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert leftovers(tmp_path, "out") == ["out"]
 
@@ -233,7 +230,7 @@ def converted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("converted")
     torch.save(random_official_weights(hidden=128, layers=1, vocab=65536, seed=9), tmp / "model.pth")
     folder = tmp / "out"
-    upload_to_hub.convert(tmp / "model.pth", folder, torch.bfloat16, max_shard_size="10MB")
+    convert.convert(tmp / "model.pth", folder, torch.bfloat16, max_shard_size="10MB")
     (folder / "notes.txt").write_text("todo")
     (folder / ".git").mkdir()
     (folder / ".git" / "config").write_text("[core]")
@@ -302,10 +299,10 @@ def expected_upload(folder):
         "config.json",
         "model.safetensors.index.json",
         *shards,
-        *upload_to_hub.MODEL_CODE_FILES,
+        *files.MODEL_CODE_FILES,
         "generation_config.json",
-        *upload_to_hub.TOKENIZER_FILES,
-        *upload_to_hub.TOKENIZER_CODE_FILES,
+        *files.TOKENIZER_FILES,
+        *files.TOKENIZER_CODE_FILES,
     ]
 
 
@@ -352,7 +349,7 @@ def test_push_refuses_an_incomplete_folder(converted, tmp_path, monkeypatch):
     shutil.copytree(converted, folder)
     (folder / "rwkv7_kernels" / "__init__.py").unlink()
     with pytest.raises(FileNotFoundError, match="rwkv7_kernels/__init__.py"):
-        upload_to_hub.push(folder, "org/x", dry_run=True)
+        publish.push(folder, "org/x", dry_run=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,7 +380,7 @@ def old_fla_hub_repo(folder, sd):
         "eos_token": "\n\n",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    shutil.copyfile(REPO / upload_to_hub.WORLD_VOCAB_FILE, folder / upload_to_hub.WORLD_VOCAB_FILE)
+    shutil.copyfile(REPO / files.WORLD_VOCAB_FILE, folder / files.WORLD_VOCAB_FILE)
     (folder / "README.md").write_text("model card")
     return folder
 
@@ -399,7 +396,7 @@ def test_update_code_migrates_an_old_fla_hub_repo_once(tmp_path, monkeypatch, ca
     upload_to_hub.main(["update-code", "--repo", "org/old", "--dry-run"])
     plan = capsys.readouterr().out.splitlines()
     assert hub.commits() == []
-    adds = sorted(set(upload_to_hub.MODEL_CODE_FILES) - {"configuration_rwkv7.py", "modeling_rwkv7.py"})
+    adds = sorted(set(files.MODEL_CODE_FILES) - {"configuration_rwkv7.py", "modeling_rwkv7.py"})
     adds += ["generation_config.json", "special_tokens_map.json", "tokenization_rwkv7.py"]
     changes = ["config.json", "configuration_rwkv7.py", "modeling_rwkv7.py", "tokenizer_config.json"]
     assert plan[0] == f"org/old: {len(adds)} to add, {len(changes)} to change, 3 to delete"
@@ -418,11 +415,11 @@ def test_update_code_migrates_an_old_fla_hub_repo_once(tmp_path, monkeypatch, ca
     assert all(not any(p.endswith(".safetensors") for p in patterns) for patterns in snapshot_patterns)
 
     config = json.loads((remote / "config.json").read_text())
-    assert config["auto_map"] == upload_to_hub.AUTO_MAP and config["fuse_norm"] is True
+    assert config["auto_map"] == files.AUTO_MAP and config["fuse_norm"] is True
     model = AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True)
     reference, _ = official_model(sd, tmp_path).forward(TOKENS, None, full_output=True)
     with torch.no_grad():
-        error = rel_err(model(torch.tensor([TOKENS])).logits[0], reference)
+        error = max_error_over_std(model(torch.tensor([TOKENS])).logits[0], reference)
     with capsys.disabled():
         print(f"\nupdated old repo (packed attn.x_x): max|diff|/std vs official {error:.2e}")
     assert error <= 5e-5
@@ -438,17 +435,17 @@ def test_plan_update_keeps_a_non_world_tokenizer(tmp_path):
     """A repo without the World vocabulary (a Pile model) keeps its tokenizer; only the model code changes."""
     folder = write_model_dir(tmp_path / "pile", random_official_weights(hidden=128, layers=1), with_code=False)
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPTNeoXTokenizer"}))
-    operations = upload_to_hub.plan_update(folder)
-    assert sorted(op.path_in_repo for op in operations) == sorted(upload_to_hub.MODEL_CODE_FILES)
+    operations = publish.plan_update(folder)
+    assert sorted(op.path_in_repo for op in operations) == sorted(files.MODEL_CODE_FILES)
     copy_code(folder)
-    assert upload_to_hub.plan_update(folder) == []
+    assert publish.plan_update(folder) == []
 
 
 def test_code_file_list_is_the_one_list():
     kernels = sorted(f"rwkv7_kernels/{p.name}" for p in (REPO / "rwkv7_kernels").glob("*.py"))
     assert kernels and "rwkv7_kernels/__init__.py" in kernels
-    assert upload_to_hub.CODE_FILES == ("configuration_rwkv7.py", "modeling_rwkv7.py", *kernels, "tokenization_rwkv7.py")
-    assert official.CODE_FILES is upload_to_hub.CODE_FILES
+    assert files.CODE_FILES == ("configuration_rwkv7.py", "modeling_rwkv7.py", *kernels, "tokenization_rwkv7.py")
+    assert official.CODE_FILES is files.CODE_FILES
 
 
 def test_cli_help_documents_the_commands(capsys):

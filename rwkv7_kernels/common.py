@@ -1,0 +1,31 @@
+"""What the ops of this folder share, kernels and references alike: the constants of the math, the activation
+names, and the device helpers every launch needs. No triton here: the references run without it."""
+
+import math
+
+import torch
+
+# The log decay is -DECAY_SCALE * sigmoid(w0 + tanh(x_w W1) W2), so decays lie in (exp(-exp(-0.5)), 1) = (0.545, 1).
+DECAY_SCALE = math.exp(-0.5)
+# kk = k * k_k normalised per head with this eps, as the official package's F.normalize.
+KK_EPS = 1e-12
+# An activation applied after a projection, by name; kernels take its index here.
+ACTIVATIONS = (None, "tanh", "sigmoid", "relu2")
+
+
+def activation_code(name):
+    """The kernels' code of an activation name (None, "tanh", "sigmoid" or "relu2": relu(.)^2)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; one of {ACTIVATIONS}")
+    return ACTIVATIONS.index(name)
+
+
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device, which size launch configurations; 1 elsewhere (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def launch_device(x):
+    """The device context a launch on x's device needs: Triton launches on the current CUDA device. On the CPU
+    (Triton's interpreter) a context that changes nothing."""
+    return torch.cuda.device(x.device if x.is_cuda else -1)
