@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -318,11 +319,11 @@ class ForwardPath(enum.Enum):
     """The code that computes one forward: choose_path picks it once per forward, and every layer runs it."""
 
     DECODE_GRAPH = "replays a CUDA graph of a DECODE_TRITON or DECODE_PYTORCH step (RWKV7DecodeGraph)"
-    DECODE_TRITON = "one token per row: the whole block in fused Triton kernels (decode_block_triton)"
-    DECODE_PYTORCH = "one token per row: the block's math in PyTorch, its time mix tuned for the CPU"
-    SEQUENCE_TRITON = "the block's math, token shifts and time mix in Triton kernels: no autograd, no padding"
-    SEQUENCE_TRITON_WKV = "the block's math in PyTorch, WKV-7 in the chunked Triton kernel (with its backward)"
-    SEQUENCE_PYTORCH = "the block's math in PyTorch"
+    DECODE_TRITON = "one token per row: the block in fused Triton kernels (decode_block_triton)"
+    DECODE_PYTORCH = "one token per row: the block's modules, its time mix tuned for the CPU"
+    SEQUENCE_TRITON = "no autograd, no padding: the block with Triton kernels (sequence_block_triton)"
+    SEQUENCE_TRITON_WKV = "the block's modules, WKV-7 in the chunked Triton kernel (with its backward)"
+    SEQUENCE_PYTORCH = "the block's modules in PyTorch"
 
 
 # what set_implementation takes
@@ -344,8 +345,8 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False) -> Forwar
         DECODE_TRITON   if the kernels can run and every projection is a plain nn.Linear (the kernels read the
                         weights: not a PEFT or quantised layer, nor one accelerate moves or offloads around calls);
         DECODE_PYTORCH  otherwise.
-    A sequence runs SEQUENCE_TRITON if the kernels can run and there is no autograd or padding, SEQUENCE_TRITON_WKV
-    if they can run, SEQUENCE_PYTORCH otherwise.
+    A sequence runs SEQUENCE_TRITON if the kernels can run and read the projections (as above), without autograd
+    or padding; SEQUENCE_TRITON_WKV if the kernels can run; SEQUENCE_PYTORCH otherwise.
     The kernels can run with implementation "triton"; with "auto" where triton is usable (kernels.HAS_TRITON), the
     inputs are on CUDA and the heads 64 wide.
     """
@@ -378,12 +379,14 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False) -> Forwar
             return ForwardPath.DECODE_GRAPH
         return ForwardPath.DECODE_TRITON if kernels_run and _kernels_can_read_projections(model) else ForwardPath.DECODE_PYTORCH
     if kernels_run:
-        return ForwardPath.SEQUENCE_TRITON if not grad and attention_mask is None else ForwardPath.SEQUENCE_TRITON_WKV
+        if not grad and attention_mask is None and _kernels_can_read_projections(model):
+            return ForwardPath.SEQUENCE_TRITON
+        return ForwardPath.SEQUENCE_TRITON_WKV
     return ForwardPath.SEQUENCE_PYTORCH
 
 
 def _kernels_can_read_projections(model):
-    """Whether the decoding kernels may read the weights of the layers and the head: every module below the blocks
+    """Whether the fused paths may read the weights of the layers and the head: every module below the blocks
     is one this file made (no PEFT or quantised layer in their place), and none is hooked by accelerate to move or
     offload its weights around each call (it keeps the hook in the instance __dict__; a hook on a whole block only
     moves its inputs to the block's device, before the kernels run)."""
@@ -407,12 +410,10 @@ class ForwardContext:
     in_place: bool  # a decoding step: states are updated where they lie (a CUDA graph of the step owns them)
 
     def __post_init__(self):
-        # (shift_mix, time_mix): the implementations of the block's two non-linear ops on this path, for the paths
-        # that run the block's math; same arguments and results as the references (rwkv7_kernels/ops_reference.py)
+        # (shift_mix, time_mix): the implementations of the block's two non-linear ops on the paths that run the
+        # block's math in modules; same arguments and results as the references (rwkv7_kernels/ops_reference.py)
         reference = kernels.ops_reference
-        if self.path is ForwardPath.SEQUENCE_TRITON:
-            self.ops = kernels.norm_shift_mix_fused.norm_shift_mix_fused, kernels.time_mix_sequence.time_mix_sequence
-        elif self.path is ForwardPath.SEQUENCE_TRITON_WKV:
+        if self.path is ForwardPath.SEQUENCE_TRITON_WKV:
             chunked = partial(reference.time_mix_reference, wkv7=kernels.wkv7_chunk.chunk_wkv7)
             self.ops = reference.shift_mix_reference, chunked
         elif self.path is ForwardPath.DECODE_PYTORCH:
@@ -442,6 +443,9 @@ def _padding_mask(attention_mask, inputs):
 # ---------------------------------------------------------------------------------------------------------------
 # The layers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+_ACTIVATIONS = {None: lambda x: x, "tanh": torch.tanh, "sigmoid": torch.sigmoid}  # the LoRAs', by name
 
 
 class LoRA(nn.Module):
@@ -555,12 +559,45 @@ class RWKV7Block(nn.Module):
         Returns (x, v_first, the layer's state after the call)."""
         if ctx.path is ForwardPath.DECODE_TRITON:
             return decode_block_triton(self, x, v_first, state, ctx)
+        if ctx.path is ForwardPath.SEQUENCE_TRITON:
+            return sequence_block_triton(self, x, v_first, state)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         out, v_first, state = self.attn(self.attn_norm(x), v_first, state, ctx)
         x = x + out
         out, state = self.ffn(self.ffn_norm(x), state, ctx)
         return x + out, v_first, state
+
+
+def sequence_block_triton(block, x, v_first, state):
+    """RWKV7Block.forward for a prefill (no autograd, no padding) with Triton kernels for its non-linear ops: each
+    mix's LayerNorm, token shift and lerps in one kernel (norm_shift_mix_fused.py), the time mix around the chunked
+    WKV-7 in two (time_mix_sequence.py); the projections are matrix products on the modules' weights."""
+    attn, ffn = block.attn, block.ffn
+    if block.pre_norm is not None:
+        x = block.pre_norm(x)
+    norm = block.attn_norm
+    (x_r, x_w, x_k, x_v, x_a, x_g), attn_shift = kernels.norm_shift_mix_fused.norm_shift_mix_fused(
+        x, state.attn_shift, attn.mixes(), (norm.weight, norm.bias, norm.eps)
+    )
+
+    def lora(module, x):
+        down, up = module.lora[0].weight, module.lora[2]
+        return F.linear(_ACTIVATIONS[module.activation](F.linear(x, down)), up.weight, up.bias)
+
+    v_gate = lora(attn.v_lora, x_v) if attn.layer_idx > 0 else None
+    y, v_first, wkv = kernels.time_mix_sequence.time_mix_sequence(
+        F.linear(x_r, attn.r_proj.weight), lora(attn.w_lora, x_w), F.linear(x_k, attn.k_proj.weight),
+        F.linear(x_v, attn.v_proj.weight), lora(attn.a_lora, x_a), v_gate, v_first, lora(attn.g_lora, x_g),
+        attn.params(), state=state.wkv,
+    )
+    x = x + F.linear(y, attn.o_proj.weight)
+    norm = block.ffn_norm
+    (x_k,), ffn_shift = kernels.norm_shift_mix_fused.norm_shift_mix_fused(
+        x, state.ffn_shift, (ffn.x_k,), (norm.weight, norm.bias, norm.eps)
+    )
+    x = x + F.linear(torch.relu(F.linear(x_k, ffn.key.weight)).square(), ffn.value.weight)
+    return x, v_first, LayerState(wkv, attn_shift, ffn_shift)
 
 
 def decode_block_triton(block, x, v_first, state, ctx):
@@ -894,6 +931,17 @@ class RWKV7Model(RWKV7PreTrainedModel):
 
 
 _WARMUP_STREAMS = {}
+# Submodules registered anywhere in the process so far (a PEFT wrapper put in a projection's place, say): a decoding
+# graph re-checks the model it was captured on only when this has changed since its last check.
+_module_registrations = 0
+
+
+def _count_module_registration(module, name, submodule):
+    global _module_registrations
+    _module_registrations += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_module_registration)
 
 
 def _warmup_stream(device):
@@ -925,6 +973,7 @@ class RWKV7DecodeGraph:
         self.owner = None  # weak reference to the cache that borrows the states
         # the module tree the graph was captured on: replacing or hooking a module (PEFT, accelerate) outdates it
         self.modules = [(parent._modules, name, child) for parent in model.modules() for name, child in parent._modules.items()]
+        self.checked_registrations = _module_registrations
 
         with torch.no_grad():
             path = choose_path(model, self.input_ids, self.cache, self.attention_mask)
@@ -943,10 +992,15 @@ class RWKV7DecodeGraph:
                 self.logits = step()
 
     def is_current(self):
-        """Whether the model still has the modules (and hooks) the graph was captured on."""
-        return all(
-            modules.get(name) is child and "_hf_hook" not in child.__dict__ for modules, name, child in self.modules
-        )
+        """Whether the model still has the modules (and no accelerate hooks) the graph was captured on; looked at
+        again only after submodules were registered somewhere since the last look."""
+        if self.checked_registrations != _module_registrations:
+            if not all(
+                modules.get(name) is child and "_hf_hook" not in child.__dict__ for modules, name, child in self.modules
+            ):
+                return False
+            self.checked_registrations = _module_registrations
+        return True
 
     def replay(self, input_ids, attention_mask, cache):
         """The logits of one decoding step of `cache`'s rows (attention_mask [B, 1] or None); advances the cache."""

@@ -108,12 +108,12 @@ def decode_rate(model, batch, new_tokens, prompt_len=16):
     return batch * new_tokens / seconds
 
 
-@torch.no_grad()
 def returned_cache(output):
     """The cache a forward returned: `cache` from transformers 5.24 on, `past_key_values` before (fla's model)."""
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
+@torch.no_grad()
 def step_time(model, batch, repeats=50):
     ids = torch.randint(1, 65000, (batch, 16), device="cuda")
     cache = returned_cache(model(ids, use_cache=True))

@@ -95,12 +95,11 @@ def time_mix_params(dtype, H):
     return TimeMixParams(k_k, k_a, randn(H, 64, dtype=dtype), gn_w, gn_b, 64e-5)
 
 
-def norm_shift_mix(dtype, B, T, C, mixes, bias, masked, with_norm=True):
-    """norm_shift_mix_fused: a prefill (T > 1; the model's without its LayerNorm), or a decoding step of several
-    rows in place with a padding mask."""
+def norm_shift_mix(dtype, B, T, C, mixes, bias, masked):
+    """norm_shift_mix_fused: a prefill (T > 1), or a decoding step of several rows in place with a padding mask."""
     x, prev = randn(B, T, C, dtype=dtype), randn(B, C, dtype=dtype)
     mask = torch.ones(B, 1, dtype=torch.long) if masked else None
-    norm = (randn(C, dtype=dtype), randn(C, dtype=dtype) if bias else None, 1e-5) if with_norm else None
+    norm = (randn(C, dtype=dtype), randn(C, dtype=dtype) if bias else None, 1e-5)
     norm_shift_mix_fused(x, prev, [randn(C, dtype=dtype) for _ in range(mixes)], norm, mask, in_place=T == 1)
 
 
@@ -154,7 +153,6 @@ def workloads(dtype):
                                                            True, torch.tensor([0, 31, 64, 100]))),
         ("wkv7 training", lambda: wkv7_training(dtype, 2, 70, 16, False)),
         ("wkv7 training, varlen with states", lambda: wkv7_training(dtype, 1, 333, 16, True, cu_int32)),
-        ("shift/mix prefill", lambda: norm_shift_mix(dtype, 2, 5, 1024, 6, True, False, with_norm=False)),
         ("norm/shift/mix prefill", lambda: norm_shift_mix(dtype, 2, 5, 1024, 7, True, False)),
         ("norm/shift/mix decoding, mask", lambda: norm_shift_mix(dtype, 4, 1, 2560, 1, False, True)),
         ("norm/mix/linear, time mix layer 0", lambda: norm_mix_linear(dtype, 1024, time_mix_projections(1024, True),

@@ -1,16 +1,15 @@
-"""Token shift and the token-shift lerps, optionally after a LayerNorm, without autograd, as one Triton kernel: the
-inputs of the time mix (six lerps) and of the channel mix (one), where PyTorch launches about six kernels.
+"""LayerNorm, token shift and the token-shift lerps, without autograd, as one Triton kernel: the inputs of the time
+mix (six lerps) and of the channel mix (one), where PyTorch launches about six kernels.
 
-Math: ops_reference.shift_mix_reference, or with a norm ops_reference.norm_shift_mix_reference:
-    xn_t = LayerNorm(x_t) (or x_t);  mixed[m, t] = xn_t + (xn_{t-1} - xn_t) * mixes[m]  (xn_{-1} = prev);
-    new prev = xn_{T-1}
+Math: ops_reference.norm_shift_mix_reference:
+    xn_t = LayerNorm(x_t);  mixed[m, t] = xn_t + (xn_{t-1} - xn_t) * mixes[m]  (xn_{-1} = prev);  new prev = xn_{T-1}
 A padding mask is handled for one token per row (decoding: a padded token keeps prev); sequences with padding
 run the reference.
 
 Shapes, layouts, dtypes:
     x          : [B, T, C] contiguous, the model dtype
-    norm       : the LayerNorm's (weight [C], bias [C] or None, eps), or None (x is normalised already)
-    prev       : [B, C] contiguous, the previous call's last (normalised) x
+    norm       : the LayerNorm's (weight [C], bias [C] or None, eps)
+    prev       : [B, C] contiguous, the previous call's last normalised x
     mixes      : M vectors of C elements (M <= 7)
     mask       : [B] (0 = padding; T = 1 only) or None
     out        : [M, B, T, C] in x's dtype; new prev [B, C], written into prev when decoding (in place)
@@ -28,34 +27,19 @@ from .triton_helpers import layer_norm_params, layer_norm_row
 MAX_MIXES = 7  # the time mix has 7 projections (r, k, v, the 4 LoRAs; v and its LoRA share a mix), the channel mix 1
 
 
-@triton.jit
-def _row(x_ptr, ln_w, ln_b, cols, inside, eps, C, HAS_NORM: tl.constexpr):
-    """Row x[cols] in float32, through the LayerNorm if there is one."""
-    if HAS_NORM:
-        xn = layer_norm_row(x_ptr, ln_w, ln_b, cols, inside, eps, C)
-    else:
-        xn = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    return xn
-
-
 @triton.jit(do_not_specialize=["B", "T", "M"])  # Triton compiles an int equal to 1 into a kernel of its own
 def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mixes, mask_ptr, out_ptr, new_prev_ptr, eps, B, T, C, M,
-                           BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           HAS_MASK: tl.constexpr):
+                           BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     i_b, i_t = tl.program_id(0) // T, tl.program_id(0) % T
     cols = tl.arange(0, BLOCK)
     inside = cols < C
     token = (i_b.to(tl.int64) * T + i_t) * C
-    if HAS_NORM:
-        ln_w, ln_b = layer_norm_params(w_ptr, b_ptr, cols, inside, HAS_BIAS)
-    else:
-        ln_w = tl.zeros((BLOCK,), dtype=tl.float32)
-        ln_b = ln_w
-    xn = _row(x_ptr + token, ln_w, ln_b, cols, inside, eps, C, HAS_NORM)
+    ln_w, ln_b = layer_norm_params(w_ptr, b_ptr, cols, inside, HAS_BIAS)
+    xn = layer_norm_row(x_ptr + token, ln_w, ln_b, cols, inside, eps, C)
     if i_t == 0:
         xn_prev = tl.load(prev_ptr + i_b * C + cols, mask=inside).to(tl.float32)
     else:
-        xn_prev = _row(x_ptr + token - C, ln_w, ln_b, cols, inside, eps, C, HAS_NORM)
+        xn_prev = layer_norm_row(x_ptr + token - C, ln_w, ln_b, cols, inside, eps, C)
     delta = xn_prev - xn
     for m in tl.static_range(len(mixes)):  # always MAX_MIXES pointers, M of them read
         if m < M:  # M at run time: the time and channel mixes share one compiled kernel (cold start)
@@ -69,9 +53,9 @@ def _norm_shift_mix_kernel(x_ptr, w_ptr, b_ptr, prev_ptr, mixes, mask_ptr, out_p
 
 
 @torch.no_grad()
-def norm_shift_mix_fused(x, prev, mixes, norm=None, attention_mask=None, in_place=False):
-    """x [B, T, C], prev [B, C] contiguous, mixes: up to 7 vectors of C elements, norm: (weight, bias, eps) of a
-    LayerNorm applied first, or None; attention_mask [B, 1] or None (T > 1 needs None).
+def norm_shift_mix_fused(x, prev, mixes, norm, attention_mask=None, in_place=False):
+    """x [B, T, C], prev [B, C] contiguous, mixes: up to 7 vectors of C elements, norm: (weight, bias, eps) of the
+    LayerNorm; attention_mask [B, 1] or None (T > 1 needs None).
     Returns (mixed [M, B, T, C], new prev [B, C]): `prev` itself, updated, when in_place (one token per row)."""
     B, T, C = x.shape
     if not prev.is_contiguous() or (T > 1 and (attention_mask is not None or in_place)):
@@ -80,7 +64,7 @@ def norm_shift_mix_fused(x, prev, mixes, norm=None, attention_mask=None, in_plac
     M = len(mixes)
     if not 0 < M <= MAX_MIXES or any(m.numel() != C for m in mixes):
         raise ValueError(f"1 to {MAX_MIXES} mixes of {C} elements are needed, got {[m.numel() for m in mixes]}")
-    weight, bias, eps = norm if norm is not None else (x, None, 0.0)  # x: a placeholder the kernel does not read
+    weight, bias, eps = norm
     x = x.contiguous()
     out = torch.empty(M, B, T, C, dtype=x.dtype, device=x.device)
     new_prev = prev if in_place else torch.empty_like(prev)
@@ -90,7 +74,7 @@ def norm_shift_mix_fused(x, prev, mixes, norm=None, attention_mask=None, in_plac
     with launch_device(x):
         _norm_shift_mix_kernel[(B * T,)](
             x, weight, bias if bias is not None else weight, prev, mixes, mask, out, new_prev, eps,
-            B, T, C, M, BLOCK=triton.next_power_of_2(C), HAS_NORM=norm is not None, HAS_BIAS=bias is not None,
+            B, T, C, M, BLOCK=triton.next_power_of_2(C), HAS_BIAS=bias is not None,
             HAS_MASK=attention_mask is not None, num_warps=4 if C <= 2048 else 8,
         )
     return out, new_prev
