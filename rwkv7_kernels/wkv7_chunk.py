@@ -126,12 +126,13 @@ def _scaled_chunk(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, p, m):
     bi = b exp(-g), ki = k exp(-g), and exp(gC) [K], from the rows p, m of _rows (rows past the sequence are 0)."""
     w = tl.load(w_ptr + p, mask=m, other=0.0)
     g = tl.cumsum(w, 0)
-    eng = tl.exp(-g)
-    rd = tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32) * tl.exp(g)
-    ad = tl.load(a_ptr + p, mask=m, other=0.0).to(tl.float32) * tl.exp(g - w)
+    gC = tl.sum(w, 0)
+    eg, egp, eng, egC = tl.exp(g), tl.exp(g - w), tl.exp(-g), tl.exp(gC)
+    rd = tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32) * eg
+    ad = tl.load(a_ptr + p, mask=m, other=0.0).to(tl.float32) * egp
     bi = tl.load(b_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
     ki = tl.load(k_ptr + p, mask=m, other=0.0).to(tl.float32) * eng
-    return rd, ad, bi, ki, tl.exp(tl.sum(w, 0))
+    return rd, ad, bi, ki, egC
 
 
 @triton.jit
@@ -174,13 +175,14 @@ def _prep_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, ti_ptr, qr_ptr, o
 def _state_program(cu_ptr, coff_ptr, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BV: tl.constexpr, IS_VARLEN: tl.constexpr):
     """A sequential state kernel's program: its (sequence, head) index, head, the sequence's first row, length and
-    first chunk slot, and the first column and offsets of the [K, BV] block of the state it carries."""
+    first chunk slot, the state's rows, and the first column and offsets of the [K, BV] block of it that it carries."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, L, c0 = _sequence(cu_ptr, coff_ptr, i_n, T, BT, IS_VARLEN)
+    ok = tl.arange(0, K)
     col0 = i_v * BV
-    p_state = tl.arange(0, K)[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
-    return i_nh, i_h, bos, L, c0, col0, p_state
+    p_state = ok[:, None] * V + (col0 + tl.arange(0, BV))[None, :]
+    return i_nh, i_h, bos, L, c0, ok, col0, p_state
 
 
 @triton.jit
@@ -198,8 +200,7 @@ def _state_fwd_kernel(qr_ptr, ov_ptr, m_ptr, c_ptr, egc_ptr, h0_ptr, o_ptr, ht_p
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                       STAGES: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, SAVE: tl.constexpr,
                       IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    i_nh, i_h, bos, L, c0, col0, p_state = _state_program(cu_ptr, coff_ptr, T, H, K, V, BT, BV, IS_VARLEN)
-    ok = tl.arange(0, K)
+    i_nh, i_h, bos, L, c0, ok, col0, p_state = _state_program(cu_ptr, coff_ptr, T, H, K, V, BT, BV, IS_VARLEN)
     S = _state_or_zeros(h0_ptr, i_nh, p_state, K, V, BV, USE_H0)
     # The loop's loads do not depend on S: the pipeliner issues them STAGES - 1 chunks ahead.
     for i_c in tl.range(0, tl.cdiv(L, BT), num_stages=STAGES):
@@ -223,8 +224,7 @@ def _state_bwd_kernel(qr_ptr, m_ptr, egc_ptr, do_ptr, dht_ptr, dhs_ptr, dh0_ptr,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                       STAGES: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
                       PREC: tl.constexpr):
-    i_nh, i_h, bos, L, c0, col0, p_state = _state_program(cu_ptr, coff_ptr, T, H, K, V, BT, BV, IS_VARLEN)
-    ok = tl.arange(0, K)
+    i_nh, i_h, bos, L, c0, ok, col0, p_state = _state_program(cu_ptr, coff_ptr, T, H, K, V, BT, BV, IS_VARLEN)
     G = _state_or_zeros(dht_ptr, i_nh, p_state, K, V, BV, USE_DHT)
     NC = tl.cdiv(L, BT)
     for j in tl.range(0, NC, num_stages=STAGES):
