@@ -335,7 +335,7 @@ IMPLEMENTATIONS = {
 }
 
 
-def choose_path(model, inputs, cache, attention_mask, graphable=False) -> ForwardPath:
+def choose_path(model, inputs, cache, attention_mask, graphable=False, packed=False) -> ForwardPath:
     """The path of one forward of `model` (an RWKV7PreTrainedModel) on `inputs` (input_ids [B, T] or inputs_embeds
     [B, T, C]) with `cache` (an RWKV7Cache or None) and `attention_mask` (this call's, None without padding).
 
@@ -345,8 +345,8 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False) -> Forwar
         DECODE_TRITON   if the kernels can run and every projection is a plain nn.Linear (the kernels read the
                         weights: not a PEFT or quantised layer, nor one accelerate moves or offloads around calls);
         DECODE_PYTORCH  otherwise.
-    A sequence runs SEQUENCE_TRITON if the kernels can run and read the projections (as above), without autograd
-    or padding; SEQUENCE_TRITON_WKV if the kernels can run; SEQUENCE_PYTORCH otherwise.
+    A sequence runs SEQUENCE_TRITON if the kernels can run and read the projections (as above), without autograd,
+    padding or `packed` sequences; SEQUENCE_TRITON_WKV if the kernels can run; SEQUENCE_PYTORCH otherwise.
     The kernels can run with implementation "triton"; with "auto" where triton is usable (kernels.HAS_TRITON), the
     inputs are on CUDA and the heads 64 wide.
     """
@@ -365,7 +365,7 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False) -> Forwar
             and head_size == kernels.KERNEL_HEAD_SIZE
         )
     grad = torch.is_grad_enabled()
-    if inputs.shape[1] == 1 and cache is not None and not grad:
+    if inputs.shape[1] == 1 and cache is not None and not grad and not packed:
         if (
             graphable
             and implementation == "auto"
@@ -379,10 +379,16 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False) -> Forwar
             return ForwardPath.DECODE_GRAPH
         return ForwardPath.DECODE_TRITON if kernels_run and _kernels_can_read_projections(model) else ForwardPath.DECODE_PYTORCH
     if kernels_run:
-        if not grad and attention_mask is None and _kernels_can_read_projections(model):
+        if not grad and attention_mask is None and not packed and _kernels_can_read_projections(model):
             return ForwardPath.SEQUENCE_TRITON
         return ForwardPath.SEQUENCE_TRITON_WKV
     return ForwardPath.SEQUENCE_PYTORCH
+
+
+def _is_plain_linear(module):
+    """A plain nn.Linear whose weight code may read: not a PEFT or quantised layer, nor one accelerate hooks to move
+    or offload its weight around each call (it keeps the hook in the instance __dict__)."""
+    return type(module) is nn.Linear and "_hf_hook" not in module.__dict__
 
 
 def _kernels_can_read_projections(model):
@@ -398,7 +404,7 @@ def _kernels_can_read_projections(model):
         for block in model.base_model.layers
         for child in block.children()
         for module in child.modules()
-    ) and (head is None or (type(head) is nn.Linear and "_hf_hook" not in head.__dict__))
+    ) and (head is None or _is_plain_linear(head))
 
 
 @dataclass
@@ -408,6 +414,7 @@ class ForwardContext:
     path: ForwardPath
     attention_mask: torch.Tensor | None  # [B, T] of this call's tokens, 1 = token, 0 = padding; None: no padding
     in_place: bool  # a decoding step: states are updated where they lie (a CUDA graph of the step owns them)
+    cu_seqlens: torch.Tensor | None = None  # [N + 1] offsets of N sequences packed into one row (see _packed_offsets)
 
     def __post_init__(self):
         # (shift_mix, time_mix): the implementations of the block's two non-linear ops on the paths that run the
@@ -438,6 +445,50 @@ def _padding_mask(attention_mask, inputs):
         # host sync per prompt; decoding steps keep their mask and need none.
         return None
     return attention_mask
+
+
+def _packed_offsets(inputs, attention_mask, cache, use_cache, position_ids=None, cu_seq_lens_q=None, cu_seqlens=None):
+    """The offsets [N + 1] (int32) of the sequences packed into this call's tokens, taken row after row, or None
+    when there is no packing. Packed sequences each start from a zero state and a zero token shift, as if alone.
+
+    Packing is given as fla's `cu_seqlens` or flash-attention's `cu_seq_lens_q` (one row: B = 1), or by
+    `position_ids` restarting at 0 inside a row (transformers' DataCollatorWithFlattening, TRL's padding-free
+    batches; position_ids that only count up are no packing). Packed sequences leave no state to continue, so they
+    take no cache, and padding inside them contradicts their boundaries: both are errors.
+    """
+    B, T = inputs.shape[:2]
+    given = cu_seqlens if cu_seqlens is not None else cu_seq_lens_q
+    offsets = None
+    if position_ids is not None:
+        if position_ids.shape != (B, T):
+            raise ValueError(f"position_ids must be [batch, tokens] = {(B, T)}, got {tuple(position_ids.shape)}")
+        starts = position_ids == 0
+        if T > 1 and bool(starts[:, 1:].any()):  # one host sync
+            starts[:, 0] = True
+            end = torch.tensor([B * T], device=inputs.device)
+            offsets = torch.cat([starts.flatten().nonzero().flatten(), end]).to(torch.int32)
+    if given is not None:
+        given = given.to(device=inputs.device, dtype=torch.int32)
+        if B != 1 or given.dim() != 1 or given.numel() < 2 or int(given[0]) != 0 or int(given[-1]) != T:
+            raise ValueError(
+                f"cu_seqlens / cu_seq_lens_q must be the offsets [0, ..., {T}] of sequences packed into one row "
+                f"(batch size 1), got {given.tolist() if given.dim() == 1 else tuple(given.shape)} for inputs of "
+                f"shape {(B, T)}"
+            )
+        if offsets is not None and not torch.equal(offsets, given):
+            raise ValueError("position_ids and cu_seqlens / cu_seq_lens_q disagree on where the packed sequences start")
+        offsets = given
+    if offsets is None:
+        return None
+    if attention_mask is not None:
+        raise ValueError(
+            "padding (zeros in attention_mask) inside packed sequences contradicts their boundaries: pack without "
+            "padding, or pass padded rows without position_ids / cu_seqlens"
+        )
+    if cache is not None or use_cache:
+        raise ValueError("packed sequences (position_ids restarting at 0, or cu_seqlens) leave no state to continue: "
+                         "pass them without a cache and with use_cache=False")
+    return offsets
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,13 +561,14 @@ class RWKV7TimeMix(nn.Module):
         shift_mix, time_mix = ctx.ops
         # lerps between each token's xa and the previous token's: x_r = xa + (xa_prev - xa) * self.x_r, ...
         (x_r, x_w, x_k, x_v, x_a, x_g), attn_shift = shift_mix(
-            xa, state.attn_shift, self.mixes(), attention_mask=ctx.attention_mask, in_place=ctx.in_place
+            xa, state.attn_shift, self.mixes(), attention_mask=ctx.attention_mask, in_place=ctx.in_place,
+            cu_seqlens=ctx.cu_seqlens,
         )
         v_gate = self.v_lora(x_v) if self.layer_idx > 0 else None
         y, v_first, wkv = time_mix(
             self.r_proj(x_r), self.w_lora(x_w), self.k_proj(x_k), self.v_proj(x_v), self.a_lora(x_a), v_gate,
             v_first, self.g_lora(x_g), self.params(), state=state.wkv, attention_mask=ctx.attention_mask,
-            in_place=ctx.in_place,
+            in_place=ctx.in_place, cu_seqlens=ctx.cu_seqlens,
         )
         return self.o_proj(y), v_first, state._replace(wkv=wkv, attn_shift=attn_shift)
 
@@ -534,7 +586,7 @@ class RWKV7ChannelMix(nn.Module):
         """xf [B, T, C]: the normalised input, ffn_norm(x). Returns (output [B, T, C], the state, ffn_shift updated)."""
         shift_mix, _ = ctx.ops
         (x_k,), ffn_shift = shift_mix(xf, state.ffn_shift, (self.x_k,), attention_mask=ctx.attention_mask,
-                                      in_place=ctx.in_place)
+                                      in_place=ctx.in_place, cu_seqlens=ctx.cu_seqlens)
         return self.value(torch.relu(self.key(x_k)).square()), state._replace(ffn_shift=ffn_shift)
 
 
@@ -874,21 +926,23 @@ class RWKV7Model(RWKV7PreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: RWKV7Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        forward_path: ForwardPath | None = None,
         **kwargs,
     ):
         """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask [B, T] or [B, S >= T] (generate passes the
         mask of the whole sequence so far: its last T columns belong to this call), 1 = token, 0 = padding.
-        cache (or past_key_values, its name before transformers 5.24): an RWKV7Cache, updated in place."""
+        cache (or past_key_values, its name before transformers 5.24): an RWKV7Cache, updated in place.
+        position_ids restarting at 0 inside a row, cu_seq_lens_q or cu_seqlens: sequences packed into the rows, each
+        computed as if alone (see _packed_offsets); position_ids that only count up change nothing.
+        forward_path: the path RWKV7ForCausalLM chose for the call (by default choose_path's)."""
         inputs = _check_inputs(input_ids, inputs_embeds, output_attentions)
         cache = _one_cache(cache, past_key_values)
         attention_mask = _padding_mask(attention_mask, inputs)
-        path = choose_path(self, inputs, cache, attention_mask)
-        return self.run(path, input_ids, inputs_embeds, attention_mask, cache, use_cache, output_hidden_states,
-                        return_dict)
-
-    def run(self, path, input_ids, inputs_embeds, attention_mask, cache, use_cache=None, output_hidden_states=None,
-            return_dict=None):
-        """The forward on `path` (choose_path's), with this call's attention mask (_padding_mask's)."""
+        packed = _packed_offsets(inputs, attention_mask, cache, use_cache, position_ids, cu_seq_lens_q, cu_seqlens)
+        path = forward_path or choose_path(self, inputs, cache, attention_mask, packed=packed is not None)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -899,18 +953,26 @@ class RWKV7Model(RWKV7PreTrainedModel):
             use_cache = False
 
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x.shape
-        if cache is None:  # the states of this call alone; returned with use_cache
+        B, T, C = x.shape
+        if packed is not None:  # the packed sequences as one row, each from zero states
+            x = x.reshape(1, B * T, C)
+            use_cache, zeros = False, x.new_zeros(1, C)
+        elif cache is None:  # the states of this call alone; returned with use_cache
             cache = RWKV7Cache()
-        cache.fit_batch(B)
-        ctx = ForwardContext(path, attention_mask, in_place=path in (ForwardPath.DECODE_TRITON, ForwardPath.DECODE_PYTORCH))
+        if cache is not None:
+            cache.fit_batch(B)
+        in_place = path in (ForwardPath.DECODE_TRITON, ForwardPath.DECODE_PYTORCH)
+        ctx = ForwardContext(path, attention_mask, in_place, packed)
 
         hidden_states = () if output_hidden_states else None
         v_first = None
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
-                hidden_states += (x,)
-            state = cache.layer(i, B, self.config, x.device, x.dtype)
+                hidden_states += (x.view(B, T, C),)
+            if packed is None:
+                state = cache.layer(i, B, self.config, x.device, x.dtype)
+            else:
+                state = LayerState(None, zeros, zeros)
             if self.gradient_checkpointing and self.training:
                 x, v_first, *state = self._gradient_checkpointing_func(
                     partial(_checkpointed_layer, layer, ctx), x, v_first, *state
@@ -918,11 +980,13 @@ class RWKV7Model(RWKV7PreTrainedModel):
                 state = LayerState(*state)
             else:
                 x, v_first, state = layer(x, v_first, state, ctx)
-            cache.update(i, state)
-        x = self.norm(x)
+            if cache is not None:
+                cache.update(i, state)
+        x = self.norm(x).view(B, T, C)
         if output_hidden_states:
             hidden_states += (x,)
-        cache.advance(T)
+        if cache is not None:
+            cache.advance(T)
 
         output = RWKV7ModelOutput(
             last_hidden_state=x, **{CACHE_NAME: cache if use_cache else None}, hidden_states=hidden_states
@@ -979,7 +1043,7 @@ class RWKV7DecodeGraph:
             path = choose_path(model, self.input_ids, self.cache, self.attention_mask)
 
             def step():
-                return model.run(path, self.input_ids, None, self.attention_mask, self.cache, use_cache=True).logits
+                return model(self.input_ids, self.attention_mask, cache=self.cache, forward_path=path).logits
 
             side = _warmup_stream(device)  # warm up (compile kernels, set up cuBLAS) off the capturing stream
             side.wait_stream(torch.cuda.current_stream(device))
@@ -1055,44 +1119,66 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: RWKV7Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        forward_path: ForwardPath | None = None,
         **kwargs,
     ):
-        """labels [B, T]: the loss is next-token cross entropy, shifted inside; label -100 is ignored.
+        """labels [B, T]: the loss is next-token cross entropy, shifted inside; label -100 is ignored. In training mode
+        it is computed from the final hidden states chunk by chunk (rwkv7_kernels/linear_cross_entropy.py), never
+        holding the [B, T, vocab] logits: `logits` is then None. Without labels, or in eval mode, logits as usual.
         logits_to_keep: compute logits for the last n positions only (0: all).
         cache (or past_key_values, its name before transformers 5.24): an RWKV7Cache, updated in place.
-        Other arguments: RWKV7Model.forward. The code that runs: choose_path.
+        Other arguments: RWKV7Model.forward. The code that runs: choose_path (forward_path: a path chosen already).
         """
-        inputs = _check_inputs(input_ids, inputs_embeds, output_attentions)
-        cache = _one_cache(cache, past_key_values)
-        attention_mask = _padding_mask(attention_mask, inputs)
-        graphable = input_ids is not None and use_cache is not False and labels is None and not output_hidden_states
-        path = choose_path(self, inputs, cache, attention_mask, graphable)
-        if path is ForwardPath.DECODE_GRAPH:
-            logits = self._decode_graph(inputs.shape[0]).replay(input_ids, attention_mask, cache)
-            output = RWKV7CausalLMOutput(logits=logits, **{CACHE_NAME: cache})
-            return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
-        return self.run(path, input_ids, inputs_embeds, attention_mask, cache, labels, use_cache,
-                        output_hidden_states, return_dict, logits_to_keep, **kwargs)
-
-    def run(self, path, input_ids, inputs_embeds, attention_mask, cache, labels=None, use_cache=None,
-            output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
-        """The forward on `path` (choose_path's), with this call's attention mask (_padding_mask's)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model.run(path, input_ids, inputs_embeds, attention_mask, cache, use_cache,
-                                 output_hidden_states, return_dict=True)
+        if forward_path is None:
+            inputs = _check_inputs(input_ids, inputs_embeds, output_attentions)
+            cache = _one_cache(cache, past_key_values)
+            mask = _padding_mask(attention_mask, inputs)
+            packed = _packed_offsets(inputs, mask, cache, use_cache, position_ids, cu_seq_lens_q, cu_seqlens)
+            graphable = (input_ids is not None and use_cache is not False and labels is None
+                         and not output_hidden_states)
+            forward_path = choose_path(self, inputs, cache, mask, graphable, packed is not None)
+            if forward_path is ForwardPath.DECODE_GRAPH:
+                logits = self._decode_graph(inputs.shape[0]).replay(input_ids, mask, cache)
+                output = RWKV7CausalLMOutput(logits=logits, **{CACHE_NAME: cache})
+                return output if return_dict else output.to_tuple()
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, return_dict=True, position_ids=position_ids,
+            cu_seq_lens_q=cu_seq_lens_q, cu_seqlens=cu_seqlens, forward_path=forward_path,
+        )
         hidden = outputs.last_hidden_state
         hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        if path is ForwardPath.DECODE_TRITON:  # a one-row head is a fused matrix-vector kernel too
-            logits = kernels.decode_step.linear(hidden, self.lm_head.weight)
+        loss = logits = None
+        if labels is not None and self.training and _is_plain_linear(self.lm_head):
+            loss = self._fused_loss(hidden, labels, **kwargs)
         else:
-            logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if forward_path is ForwardPath.DECODE_TRITON:  # a one-row head is a fused matrix-vector kernel too
+                logits = kernels.decode_step.linear(hidden, self.lm_head.weight)
+            else:
+                logits = self.lm_head(hidden)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = RWKV7CausalLMOutput(
             loss=loss, logits=logits, **{CACHE_NAME: outputs.cache}, hidden_states=outputs.hidden_states
         )
         return output if return_dict else output.to_tuple()
+
+    def _fused_loss(self, hidden, labels, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **kwargs):
+        """The loss transformers' ForCausalLMLoss computes (next-token cross entropy; pre-shifted `shift_labels` as
+        given under context parallelism; divided by `num_items_in_batch` when Trainer passes it), without the
+        logits (rwkv7_kernels/linear_cross_entropy.py)."""
+        if shift_labels is None:
+            hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
+        shift_labels = shift_labels.to(hidden.device)
+        return kernels.linear_cross_entropy.linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shift_labels.reshape(-1), num_items_in_batch,
+            ignore_index,
+        )
 
     def _decode_graph(self, batch_size):
         graph = self._decode_graphs.get(batch_size)

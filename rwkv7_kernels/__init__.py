@@ -5,6 +5,7 @@ References (plain PyTorch; the math; what runs on CPU and under autograd without
     wkv7_reference       the WKV-7 recurrence over sequences (wkv7_reference.py)
     ops_reference        token shift and lerps, the time mix around WKV-7, activations (ops_reference.py)
     torch_decode         the time mix of one decoding step, tuned for the CPU (torch_decode.py)
+    linear_cross_entropy the training loss from the hidden states, chunk by chunk, without the logits (PyTorch)
 Triton kernels (importing one imports triton):
     wkv7_chunk           chunked WKV-7, forward and backward (prefill, training)
     time_mix_sequence    the time mix of a prefill around the chunked WKV-7, two elementwise kernels
@@ -27,7 +28,7 @@ import warnings
 
 import torch
 
-from . import ops_reference, torch_decode
+from . import linear_cross_entropy, ops_reference, torch_decode
 from .common import ACTIVATIONS, activation_code, sm_count
 from .ops_reference import TimeMixParams
 from .wkv7_reference import wkv7_reference
@@ -65,5 +66,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ACTIVATIONS", "HAS_TRITON", "KERNEL_HEAD_SIZE", "TimeMixParams", "activation_code", "ops_reference",
+__all__ = ["ACTIVATIONS", "HAS_TRITON", "KERNEL_HEAD_SIZE", "TimeMixParams", "activation_code", "linear_cross_entropy",
+           "ops_reference",
            "sm_count", "torch_decode", "triton_supported", "wkv7_reference", *_KERNEL_MODULES]

@@ -24,18 +24,22 @@ class TimeMixParams(NamedTuple):
     gn_eps: float
 
 
-def token_shift(x, prev, attention_mask=None):
+def token_shift(x, prev, attention_mask=None, cu_seqlens=None):
     """The previous token's x for every position, and the x to carry to the next call.
 
     x [B, T, C]; prev [B, C] (the last x of the previous call, zeros at the start).
     attention_mask [B, T] (1 = real token, 0 = padding) or None. Padded positions are skipped: each position
     sees the x of the last *real* position before it (or `prev`), and the carried x is the last real one.
+    cu_seqlens [N + 1]: the offsets of N sequences packed into one row (B = 1); each one's first token sees zeros.
     Returns (x_prev [B, T, C], new_prev [B, C]).
     """
     B, T, C = x.shape
     if T == 1:  # decoding: the previous x is `prev`; a padded token keeps it
         last = x[:, 0] if attention_mask is None else torch.where(attention_mask.bool(), x[:, 0], prev)
         return prev.unsqueeze(1), last
+    if cu_seqlens is not None:
+        starts = cu_seqlens[:-1].long()
+        return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1).index_fill(1, starts, 0.0), x[:, -1]
     if attention_mask is None:
         return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1), x[:, -1]
     positions = torch.arange(1, T + 1, device=x.device).expand(B, T)
@@ -48,15 +52,15 @@ def token_shift(x, prev, attention_mask=None):
     return x_prev, new_prev
 
 
-def shift_mix_reference(x, prev, mixes, attention_mask=None, in_place=False):
+def shift_mix_reference(x, prev, mixes, attention_mask=None, in_place=False, cu_seqlens=None):
     """The token shift, then one lerp per mix: the inputs of a time mix (six mixes) or channel mix (one).
 
     x [B, T, C] (normalised); prev [B, C] (the previous call's last x); mixes: M tensors that broadcast to [C] (the
-    model's [1, 1, C] or [C] parameters); attention_mask [B, T] or None.
+    model's [1, 1, C] or [C] parameters); attention_mask [B, T] or None; cu_seqlens: see token_shift.
     Returns (mixed: M tensors [B, T, C], mixed[m] = x + (x_prev - x) * mixes[m]; the new prev [B, C]). in_place:
     the new prev is written into `prev` (decoding).
     """
-    x_prev, last = token_shift(x, prev, attention_mask)
+    x_prev, last = token_shift(x, prev, attention_mask, cu_seqlens)
     delta = x_prev - x
     mixed = [torch.addcmul(x, delta, mix) for mix in mixes]
     # in place: after the last read of x_prev, which may be a view of prev; otherwise a copy, not a view that
@@ -79,7 +83,7 @@ def norm_mix_linear_reference(x, weight, bias, eps, prev, projections, attention
 
 
 def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, state=None, attention_mask=None,
-                       in_place=False, wkv7=wkv7_reference):
+                       in_place=False, cu_seqlens=None, wkv7=wkv7_reference):
     """The time mix between its projections and o_proj: decay, kk, the k update, the v_first mix, WKV-7,
     the per-head GroupNorm, the bonus and the gate (the official x070 RWKV_x070_TMix, in fla's layouts).
 
@@ -88,7 +92,9 @@ def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, st
         both None in layer 0, which makes v_first.
     params: TimeMixParams. state [B, H, N, N] float32 or None (zeros; no final state wanted).
     attention_mask [B, T] or None (0 = padding: the state skips it). in_place: write the final state into `state`
-    (decoding) instead of returning a new tensor. wkv7: the WKV-7 recurrence (wkv7_reference.py's signature).
+    (decoding) instead of returning a new tensor. cu_seqlens [N + 1]: the offsets of N sequences packed into one
+    row (B = 1), each from a zero state (then `state` is None and no final state is returned). wkv7: the WKV-7
+    recurrence (wkv7_reference.py's signature).
     Returns (y [B, T, C] = gated output for o_proj, v_first, final state or None).
     """
     B, T, C = r.shape
@@ -108,7 +114,8 @@ def time_mix_reference(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, st
         # a padded position leaves the state as it was: no decay (w = 0), no write (k = 0), no transition (kk = 0)
         keep = attention_mask.view(B, T, 1, 1)
         w, k, kk = w * keep, k * keep.to(k.dtype), kk * keep.to(kk.dtype)
-    o, final_state = wkv7(r, w, k, v, -kk, kk * a, initial_state=state, output_final_state=state is not None)
+    o, final_state = wkv7(r, w, k, v, -kk, kk * a, initial_state=state, output_final_state=state is not None,
+                          cu_seqlens=cu_seqlens)
     if in_place:
         final_state = state.copy_(final_state)
 
@@ -133,3 +140,13 @@ def activation_reference(y, activation=None, residual=None):
 def linear_reference(x, weight, bias=None, activation=None, residual=None):
     """residual + activation(x W^T + bias): a linear layer with its activation and residual add."""
     return activation_reference(F.linear(x, weight, bias), activation, residual)
+
+
+def linear_cross_entropy_reference(hidden, weight, labels, num_items_in_batch=None, ignore_index=-100):
+    """The mean cross entropy of the logits hidden W^T (computed in hidden's dtype, then float32) against labels,
+    as transformers' loss computes it: hidden [N, C], weight [V, C], labels [N] (ignore_index: no label); divided
+    by num_items_in_batch if given, else by the number of labelled rows."""
+    logits = F.linear(hidden, weight).float()
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    count = (labels != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(count, device=total.device).float().clamp(min=1)

@@ -37,10 +37,11 @@ def _wkv7_step(r, w, k, v, a, b, state):
     return o if o.dtype == out_dtype else o.to(out_dtype)
 
 
-def time_mix_step(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, state, attention_mask=None, in_place=True):
-    """One decoding step of the time mix: r ... g [B, 1, C], state updated in place (in_place must be True).
-    Arguments and results: those of ops_reference.time_mix_reference(..., in_place=True)."""
-    if not in_place or r.shape[1] != 1:
+def time_mix_step(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, state, attention_mask=None, in_place=True,
+                  cu_seqlens=None):
+    """One decoding step of the time mix: r ... g [B, 1, C], state updated in place (in_place must be True, and
+    cu_seqlens None). Arguments and results: those of ops_reference.time_mix_reference(..., in_place=True)."""
+    if not in_place or r.shape[1] != 1 or cu_seqlens is not None:
         raise ValueError("time_mix_step is one decoding step: one token per row, the state updated in place")
     B, T, C = r.shape
     H, N = params.r_k.shape

@@ -10,7 +10,7 @@ import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "needs.py")
-GPU_SCRIPTS = {"bench_generate.py", "bench_kernels.py", "bench_linear_row.py", "profile_decode.py"}
+GPU_SCRIPTS = {"bench_generate.py", "bench_kernels.py", "bench_linear_row.py", "bench_train.py", "profile_decode.py"}
 
 
 def run(script, *args, monkeypatch):

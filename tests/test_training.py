@@ -2,10 +2,14 @@
 
 import copy
 
+import pytest
 import torch
 from helpers import tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
+
+from rwkv7_kernels.linear_cross_entropy import linear_cross_entropy
+from rwkv7_kernels.ops_reference import linear_cross_entropy_reference
 
 VOCAB = 97
 
@@ -70,10 +74,51 @@ def test_peft_lora_trains_only_the_adapters_and_merges():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    inputs = batch(seed=9)
+    inputs = {"input_ids": batch(seed=9)["input_ids"]}  # no labels: a training-mode forward with labels has no logits
     with torch.no_grad():
         adapted = model(**inputs).logits
         merged = model.merge_and_unload()(**inputs).logits
         untouched = reference(**inputs).logits
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(adapted, untouched, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["head", "frozen_head"])
+@pytest.mark.parametrize("num_items", [None, 50])
+def test_linear_cross_entropy_equals_the_loss_on_logits(dtype, frozen_head, num_items):
+    """The chunked loss (several chunks here) equals cross entropy on the whole logits, with its gradients."""
+    g = torch.Generator().manual_seed(int(frozen_head))
+    hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(97, 16, generator=g) * 0.3).to(dtype).requires_grad_(not frozen_head)
+    labels = torch.randint(0, 97, (37,), generator=g)
+    labels[::5] = -100
+    ref_hidden, ref_weight = (t.detach().clone().requires_grad_(t.requires_grad) for t in (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, labels, num_items, chunk_rows=8)
+    ref = linear_cross_entropy_reference(ref_hidden, ref_weight, labels, num_items)
+    (loss * 2).backward()
+    (ref * 2).backward()
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(loss, ref, **tolerance)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, **tolerance)
+    assert (weight.grad is None) == frozen_head
+    if not frozen_head:
+        assert weight.grad.dtype == dtype
+        torch.testing.assert_close(weight.grad, ref_weight.grad, **tolerance)
+
+
+def test_training_loss_needs_no_logits_and_equals_the_usual_loss():
+    """In training mode with labels the loss comes from the hidden states (logits None); it and every gradient equal
+    the eval-mode loss on the logits, which transformers' loss function computes."""
+    inputs = batch(seed=4)
+    inputs["labels"][:, :3] = -100
+    fused, usual = make_model(seed=7), make_model(seed=7).eval()
+    out = fused(**inputs)
+    assert out.logits is None
+    expected = usual(**inputs)
+    assert expected.logits is not None
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    out.loss.backward()
+    expected.loss.backward()
+    for (name, p), (_, q) in zip(fused.named_parameters(), usual.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
