@@ -2,66 +2,62 @@
 the chat template, a prefilled system prompt whose state is reused for each question, streamed generation that
 stops at the end of a turn.
 
-    bash dev.sh demo                                   # a small model with random weights, built here: no download
-    bash dev.sh demo --model fla-hub/rwkv7-0.1B-g1     # a real model from the Hub (or a local model folder)
+    bash dev.sh demo                                   # the small English model in models/, offline
+    bash dev.sh demo --model fla-hub/rwkv7-0.1B-g1     # any Hub model id or local model folder
 
-Without --model the demo builds a small model with random weights as a Hub-style folder (config, weights, this
-package's code, the tokenizer): it shows the whole path working, but its replies are noise.
+By default the demo chats with models/rwkv7-tiny-english, a 19M-parameter model trained for four minutes on Jane
+Austen, the Python documentation and WordNet definitions (scripts/train_small_model.py, docs/tiny_model.md): it
+answers in simple English, best at "What does X mean?". Its folder holds weights and configuration only; the demo
+lays it out as a Hub repo is (with this checkout's code and tokenizer) and loads it as one.
 """
 
 import argparse
 import copy
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TextStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from configuration_rwkv7 import RWKV7Config  # noqa: E402
-from modeling_rwkv7 import RWKV7ForCausalLM  # noqa: E402
+from hub_tools.files import CODE_FILES, GENERATION_CONFIG_FILE, TOKENIZER_FILES, copy_files  # noqa: E402
 
-QUESTIONS = ["What is RWKV?", "Name a prime number."]
+TINY_MODEL = REPO / "models" / "rwkv7-tiny-english"
+SYSTEM = "You answer questions about words and Python."
+QUESTIONS = ['What does "garden" mean?', 'What does "river" mean?']
 
 
-def build_random_model_folder(folder: Path, hidden: int, layers: int):
-    torch.manual_seed(0)
-    config = RWKV7Config(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=4 * hidden, bos_token_id=0,
-                         eos_token_id=0, pad_token_id=0)
-    RWKV7ForCausalLM(config).save_pretrained(folder)  # writes the code and rwkv7_kernels/ too
-    AutoTokenizer.from_pretrained(REPO, trust_remote_code=True).save_pretrained(folder)
-    GenerationConfig.from_pretrained(REPO).save_pretrained(folder)
+def hub_style_folder(weights_folder: Path, folder: Path):
+    """`folder` holding the model of `weights_folder` as a Hub repo holds it: its config and weights, this
+    checkout's code, tokenizer and generation config."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    copy_files(weights_folder, folder, ["config.json", "model.safetensors"])
+    copy_files(REPO, folder, [*CODE_FILES, *TOKENIZER_FILES, GENERATION_CONFIG_FILE])
+    return folder
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a Hub model id or a local model folder (default: a small random model)")
+    parser.add_argument("--model", help="a Hub model id or a local model folder (default: models/rwkv7-tiny-english)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest reply, in tokens (default 64)")
-    parser.add_argument("--hidden", type=int, default=256, help="width of the random model (default 256)")
-    parser.add_argument("--layers", type=int, default=4, help="layers of the random model (default 4)")
     parser.add_argument("--folder", type=Path, default=REPO / ".cache" / "demo-model",
-                        help="where the random model is written (default .cache/demo-model)")
+                        help="where the default model is laid out as a Hub repo (default .cache/demo-model)")
     args = parser.parse_args(argv)
 
-    source = args.model
-    if source is None:
-        build_random_model_folder(args.folder, args.hidden, args.layers)
-        source = str(args.folder)
+    source = args.model or str(hub_style_folder(TINY_MODEL, args.folder))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=dtype).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
     layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
     print(f"model: {source} ({layers} layers x {hidden} wide, {str(dtype).removeprefix('torch.')}, on {args.device})")
-    if args.model is None:
-        print("The weights of this model are random, so its replies below are noise: the demo shows the chat path "
-              "working (template, prefill, streaming, stopping, state reuse). For real replies, pass a trained "
-              "model: bash dev.sh demo --model fla-hub/rwkv7-0.1B-g1")
 
-    system = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."}]
+    system = [{"role": "system", "content": SYSTEM}]
     prefix = tokenizer.apply_chat_template(system, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         system_state = model(**prefix.to(args.device), use_cache=True).cache  # prefilled once
@@ -73,6 +69,7 @@ def main(argv=None):
         inputs = tokenizer(text, return_tensors="pt").to(args.device)
         print(f"\nUser: {question}\nAssistant:", end="", flush=True)
         start = time.perf_counter()
+        torch.manual_seed(0)
         output = model.generate(**inputs, cache=copy.deepcopy(system_state), max_new_tokens=args.max_new_tokens,
                                 do_sample=True, temperature=1.0, top_p=0.3,
                                 streamer=TextStreamer(tokenizer, skip_prompt=True))

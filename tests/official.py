@@ -90,6 +90,48 @@ def to_fla(official: dict):
     return config, state
 
 
+def fla_to_official(state: dict) -> dict:
+    """The official .pth state dict of a fla-hub (this package's) state dict: the inverse of to_fla."""
+    import re
+
+    lora_part = {"0": ("1", True), "2": ("2", True)}
+    names = {"pre_norm": "ln0", "attn_norm": "ln1", "ffn_norm": "ln2"}
+    projections = {"r_proj": "receptance", "k_proj": "key", "v_proj": "value", "o_proj": "output"}
+    official = {}
+    for key, tensor in state.items():
+        if key == "model.embeddings.weight":
+            official["emb.weight"] = tensor
+        elif key == "lm_head.weight":
+            official["head.weight"] = tensor
+        elif m := re.fullmatch(r"model\.norm\.(weight|bias)", key):
+            official[f"ln_out.{m[1]}"] = tensor
+        elif m := re.fullmatch(r"model\.layers\.(\d+)\.(\w+)\.(.+)", key):
+            b, part, rest = f"blocks.{m[1]}.", m[2], m[3]
+            if part in names:
+                official[b + names[part] + "." + rest] = tensor
+            elif part == "ffn":
+                official[b + "ffn." + rest] = tensor.reshape(1, 1, -1) if rest == "x_k" else tensor
+            elif rest in ("k_k", "k_a"):
+                official[b + "att." + rest] = tensor.reshape(1, 1, -1)
+            elif re.fullmatch(r"x_[rwkvag]|r_k", rest):
+                official[b + "att." + rest] = tensor
+            elif rest.split(".")[0] in projections:
+                official[b + "att." + projections[rest.split(".")[0]] + ".weight"] = tensor
+            elif rest.startswith("g_norm."):
+                official[b + "att.ln_x." + rest.split(".")[1]] = tensor
+            elif lora := re.fullmatch(r"([wavg])_lora\.lora\.([02])\.(weight|bias)", rest):
+                name = b + "att." + lora[1]
+                if lora[3] == "bias":
+                    official[name + "0"] = tensor.reshape(1, 1, -1)
+                else:
+                    official[name + lora_part[lora[2]][0]] = tensor.t()
+            else:
+                raise KeyError(key)
+        else:
+            raise KeyError(key)
+    return official
+
+
 def write_model_dir(folder, official: dict, dtype=torch.float32, pack_x_x=False, with_code=True, **config_extra):
     """A model folder as it sits on the Hub: config.json with auto_map, model.safetensors, the code files.
 
