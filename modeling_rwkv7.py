@@ -385,6 +385,17 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False, packed=Fa
     return ForwardPath.SEQUENCE_PYTORCH
 
 
+def whole_on_one_cuda_device(weights):
+    """Whether all `weights` lie on one CUDA device, none sharded: FSDP2 and tensor parallelism shard weights as
+    DTensors (which have `placements`) and gather them in module hooks that a replayed CUDA graph would skip."""
+    devices = set()
+    for weight in weights:
+        if hasattr(weight, "placements"):
+            return False
+        devices.add(weight.device)
+    return len(devices) == 1 and next(iter(devices)).type == "cuda"
+
+
 def _is_plain_linear(module):
     """A plain nn.Linear whose weight code may read: not a PEFT or quantised layer, nor one accelerate hooks to move
     or offload its weight around each call (it keeps the hook in the instance __dict__)."""
@@ -719,10 +730,9 @@ class RWKV7PreTrainedModel(PreTrainedModel):
                 module.implementation = implementation
 
     def on_one_cuda_device(self):
-        """Whether every weight is on one CUDA device (not split by device_map, not offloaded)."""
+        """Whether every weight is whole on one CUDA device (not split by device_map, not offloaded, not sharded)."""
         if self._cuda_device is None:
-            devices = {p.device for p in self.parameters()}
-            self._cuda_device = len(devices) == 1 and next(iter(devices)).type == "cuda"
+            self._cuda_device = whole_on_one_cuda_device(self.parameters())
         return self._cuda_device
 
     def _apply(self, fn, *args, **kwargs):

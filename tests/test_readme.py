@@ -22,7 +22,7 @@ def readme_snippets():
 @pytest.mark.slow
 def test_readme_python_snippets_run_as_written(tmp_path):
     snippets = readme_snippets()
-    assert len(snippets) >= 4 and all(HUB_ID in s for s in (snippets[0], snippets[-1]))
+    assert len(snippets) >= 5 and HUB_ID in snippets[0] and "DataCollatorWithFlattening" in snippets[-1]
     folder = write_model_dir(tmp_path / "model", random_official_weights(hidden=64, layers=1, head_dim=32,
                                                                          vocab=65536, ranks=(8, 8, 8, 8), seed=5))
     for name in TOKENIZER_FILES:
@@ -32,7 +32,7 @@ def test_readme_python_snippets_run_as_written(tmp_path):
     code = "\n".join(snippets) + (
         "\nimport json\n"
         "print(json.dumps({'model': type(model).__module__, 'reply': reply, 'seen': state.num_seen_tokens,"
-        " 'more': list(more.shape), 'next': list(next_ids.shape)}))\n"
+        " 'more': list(more.shape), 'next': list(next_ids.shape), 'steps': trainer.state.global_step}))\n"
     )
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = run_python(code, cwd=tmp_path, env=env)
@@ -40,3 +40,4 @@ def test_readme_python_snippets_run_as_written(tmp_path):
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert facts["model"].startswith("transformers_modules.") and isinstance(facts["reply"], str)
     assert facts["seen"] >= facts["next"][1] and facts["more"][1] > facts["next"][1]
+    assert facts["steps"] == 1
