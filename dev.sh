@@ -51,6 +51,7 @@ case "${1:-}" in
     test)
         setup
         .venv/bin/python ci/check_pins.py
+        mkdir -p .cache
         .venv/bin/python ci/compile_kernels.py > .cache/compile_kernels.log || { cat .cache/compile_kernels.log; exit 1; }
         tail -1 .cache/compile_kernels.log
         .venv/bin/python -m pytest -q "${@:2}"

@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -439,6 +439,13 @@ class ForwardContext:
         else:
             self.ops = reference.shift_mix_reference, reference.time_mix_reference
 
+    def on(self, device):
+        """This context with its tensors on `device`; itself when they lie there already."""
+        if all(t is None or t.device == device for t in (self.attention_mask, self.cu_seqlens)):
+            return self
+        mask, cu_seqlens = (None if t is None else t.to(device) for t in (self.attention_mask, self.cu_seqlens))
+        return replace(self, attention_mask=mask, cu_seqlens=cu_seqlens)
+
 
 def _padding_mask(attention_mask, inputs):
     """This call's part of `attention_mask` ([B, S >= T]: generate passes the mask of the whole sequence so far, whose
@@ -620,6 +627,8 @@ class RWKV7Block(nn.Module):
     def forward(self, x, v_first, state: LayerState, ctx: ForwardContext):
         """One layer: x [B, T, C], v_first (layer 0's v; None entering layer 0), this layer's state before the call.
         Returns (x, v_first, the layer's state after the call)."""
+        # under a device_map, accelerate moves the block's tensor arguments to its device, but not the context's
+        ctx = ctx.on(x.device)
         if ctx.path is ForwardPath.DECODE_TRITON:
             return decode_block_triton(self, x, v_first, state, ctx)
         if ctx.path is ForwardPath.SEQUENCE_TRITON:

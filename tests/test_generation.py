@@ -315,3 +315,15 @@ def test_device_map_auto(world):
                        padding=True)
     kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(mapped.generate(**prompt, **kwargs), model.generate(**prompt, **kwargs))
+
+
+def test_forward_context_moves_to_a_blocks_device(world):
+    """Under a device_map a block may lie on another device than the model's inputs: it takes the context's
+    padding mask and sequence offsets on its own device (`world` loads the model's code)."""
+    from modeling_rwkv7 import ForwardContext, ForwardPath
+
+    ctx = ForwardContext(ForwardPath.SEQUENCE_PYTORCH, torch.ones(2, 5), False, torch.tensor([0, 2, 5]))
+    assert ctx.on(torch.device("cpu")) is ctx
+    moved = ctx.on(torch.device("meta"))
+    assert moved.attention_mask.device.type == "meta" and moved.cu_seqlens.device.type == "meta"
+    assert moved.path is ctx.path and moved.ops == ctx.ops

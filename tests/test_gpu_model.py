@@ -13,7 +13,7 @@ import torch
 from helpers import relative_rms_error as rel
 from helpers import tiny_model
 
-from modeling_rwkv7 import ForwardPath, RWKV7DecodeGraph, choose_path
+from modeling_rwkv7 import ForwardPath, RWKV7DecodeGraph, RWKV7ForCausalLM, choose_path
 
 pytestmark = pytest.mark.gpu
 
@@ -181,8 +181,6 @@ def test_tiny_english_bf16_greedy_agrees_with_float32_cpu():
     later); the agreement per prompt is printed."""
     from transformers import AutoTokenizer
 
-    from modeling_rwkv7 import RWKV7ForCausalLM
-
     tokenizer = AutoTokenizer.from_pretrained(TINY_ENGLISH.parent.parent, trust_remote_code=True)
     cpu = RWKV7ForCausalLM.from_pretrained(TINY_ENGLISH, dtype=torch.float32).eval()
     gpu = RWKV7ForCausalLM.from_pretrained(TINY_ENGLISH, dtype=torch.bfloat16).cuda().eval()
@@ -196,3 +194,28 @@ def test_tiny_english_bf16_greedy_agrees_with_float32_cpu():
         agreement.append(int(same[0]) if len(same) else len(ours))
     print(f"\nbf16 GPU greedy agrees with float32 CPU for {agreement} of 64 tokens")
     assert min(agreement) >= 8, agreement
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@torch.no_grad()
+def test_model_split_over_two_gpus_generates_as_on_one(tmp_path):
+    """device_map splits the blocks over two GPUs: greedy generate gives one GPU's tokens, each layer's state lies
+    on its layer's GPU, and decoding runs without a CUDA graph (one graph cannot follow a step across devices)."""
+    make_model(seed=3, layers=4).to(torch.bfloat16).save_pretrained(tmp_path)
+    one = RWKV7ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).to("cuda:0").eval()
+    device_map = {"model.embeddings": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1,
+                  "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    split = RWKV7ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map=device_map).eval()
+    assert not split.on_one_cuda_device()
+
+    prompts = torch.randint(1, 1000, (3, 50), generator=torch.Generator().manual_seed(3)).to("cuda:0")
+    mask = torch.ones_like(prompts)
+    mask[1, :20] = 0  # left padding: the mask reaches the blocks on the second GPU too
+    prompts[1, :20] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(split.generate(prompts, **kwargs).cpu(), one.generate(prompts, **kwargs).cpu())
+
+    cache = split(prompts, attention_mask=mask, use_cache=True).cache
+    for i, state in enumerate(cache.states):
+        expected = torch.device("cuda", device_map[f"model.layers.{i}"])
+        assert all(tensor.device == expected for tensor in state), (i, [tensor.device for tensor in state])
