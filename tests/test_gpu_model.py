@@ -196,7 +196,8 @@ def test_tiny_english_bf16_greedy_agrees_with_float32_cpu():
     assert min(agreement) >= 8, agreement
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs: python -m pytest -m gpu -k two_gpus on a machine with them")
 @torch.no_grad()
 def test_model_split_over_two_gpus_generates_as_on_one(tmp_path):
     """device_map splits the blocks over two GPUs: greedy generate gives one GPU's tokens, each layer's state lies
