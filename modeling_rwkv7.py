@@ -424,10 +424,11 @@ class ForwardContext:
 
     path: ForwardPath
     attention_mask: torch.Tensor | None  # [B, T] of this call's tokens, 1 = token, 0 = padding; None: no padding
-    in_place: bool  # a decoding step: states are updated where they lie (a CUDA graph of the step owns them)
     cu_seqlens: torch.Tensor | None = None  # [N + 1] offsets of N sequences packed into one row (see _packed_offsets)
 
     def __post_init__(self):
+        # a decoding step updates the states where they lie (a CUDA graph of the step owns them)
+        self.in_place = self.path in (ForwardPath.DECODE_TRITON, ForwardPath.DECODE_PYTORCH)
         # (shift_mix, time_mix): the implementations of the block's two non-linear ops on the paths that run the
         # block's math in modules; same arguments and results as the references (rwkv7_kernels/ops_reference.py)
         reference = kernels.ops_reference
@@ -507,6 +508,16 @@ def _packed_offsets(inputs, attention_mask, cache, use_cache, position_ids=None,
         raise ValueError("packed sequences (position_ids restarting at 0, or cu_seqlens) leave no state to continue: "
                          "pass them without a cache and with use_cache=False")
     return offsets
+
+
+def forward_context(model, inputs, cache, attention_mask, use_cache, position_ids=None, cu_seq_lens_q=None,
+                    cu_seqlens=None, graphable=False) -> ForwardContext:
+    """How one forward of `model` runs: this call's padding (_padding_mask), its packed sequences (_packed_offsets)
+    and its path (choose_path), worked out once for the whole model."""
+    mask = _padding_mask(attention_mask, inputs)
+    packed = _packed_offsets(inputs, mask, cache, use_cache, position_ids, cu_seq_lens_q, cu_seqlens)
+    path = choose_path(model, inputs, cache, mask, graphable, packed=packed is not None)
+    return ForwardContext(path, mask, packed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -654,8 +665,8 @@ def sequence_block_triton(block, x, v_first, state):
     )
 
     def lora(module, x):
-        down, up = module.lora[0].weight, module.lora[2]
-        return F.linear(_ACTIVATIONS[module.activation](F.linear(x, down)), up.weight, up.bias)
+        up = module.up
+        return F.linear(_ACTIVATIONS[module.activation](F.linear(x, module.down.weight)), up.weight, up.bias)
 
     v_gate = lora(attn.v_lora, x_v) if attn.layer_idx > 0 else None
     y, v_first, wkv = kernels.time_mix_sequence.time_mix_sequence(
@@ -948,7 +959,7 @@ class RWKV7Model(RWKV7PreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cu_seq_lens_q: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        forward_path: ForwardPath | None = None,
+        context: ForwardContext | None = None,
         **kwargs,
     ):
         """input_ids [B, T] (or inputs_embeds [B, T, C]); attention_mask [B, T] or [B, S >= T] (generate passes the
@@ -956,12 +967,13 @@ class RWKV7Model(RWKV7PreTrainedModel):
         cache (or past_key_values, its name before transformers 5.24): an RWKV7Cache, updated in place.
         position_ids restarting at 0 inside a row, cu_seq_lens_q or cu_seqlens: sequences packed into the rows, each
         computed as if alone (see _packed_offsets); position_ids that only count up change nothing.
-        forward_path: the path RWKV7ForCausalLM chose for the call (by default choose_path's)."""
+        context: what RWKV7ForCausalLM worked out for the call from those (forward_context), used as it is."""
         inputs = _check_inputs(input_ids, inputs_embeds, output_attentions)
         cache = _one_cache(cache, past_key_values)
-        attention_mask = _padding_mask(attention_mask, inputs)
-        packed = _packed_offsets(inputs, attention_mask, cache, use_cache, position_ids, cu_seq_lens_q, cu_seqlens)
-        path = forward_path or choose_path(self, inputs, cache, attention_mask, packed=packed is not None)
+        ctx = context or forward_context(
+            self, inputs, cache, attention_mask, use_cache, position_ids, cu_seq_lens_q, cu_seqlens
+        )
+        packed = ctx.cu_seqlens
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -980,8 +992,6 @@ class RWKV7Model(RWKV7PreTrainedModel):
             cache = RWKV7Cache()
         if cache is not None:
             cache.fit_batch(B)
-        in_place = path in (ForwardPath.DECODE_TRITON, ForwardPath.DECODE_PYTORCH)
-        ctx = ForwardContext(path, attention_mask, in_place, packed)
 
         hidden_states = () if output_hidden_states else None
         v_first = None
@@ -1059,10 +1069,10 @@ class RWKV7DecodeGraph:
         self.checked_registrations = _module_registrations
 
         with torch.no_grad():
-            path = choose_path(model, self.input_ids, self.cache, self.attention_mask)
+            context = forward_context(model, self.input_ids, self.cache, self.attention_mask, use_cache=True)
 
             def step():
-                return model(self.input_ids, self.attention_mask, cache=self.cache, forward_path=path).logits
+                return model(self.input_ids, cache=self.cache, context=context).logits
 
             side = _warmup_stream(device)  # warm up (compile kernels, set up cuBLAS) off the capturing stream
             side.wait_stream(torch.cuda.current_stream(device))
@@ -1141,7 +1151,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         cu_seq_lens_q: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        forward_path: ForwardPath | None = None,
+        context: ForwardContext | None = None,
         **kwargs,
     ):
         """labels [B, T]: the loss is next-token cross entropy, shifted inside; label -100 is ignored. In training mode
@@ -1149,26 +1159,25 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         holding the [B, T, vocab] logits: `logits` is then None. Without labels, or in eval mode, logits as usual.
         logits_to_keep: compute logits for the last n positions only (0: all).
         cache (or past_key_values, its name before transformers 5.24): an RWKV7Cache, updated in place.
-        Other arguments: RWKV7Model.forward. The code that runs: choose_path (forward_path: a path chosen already).
+        Other arguments: RWKV7Model.forward. The code that runs: choose_path (context: one worked out already).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if forward_path is None:
+        if context is None:
             inputs = _check_inputs(input_ids, inputs_embeds, output_attentions)
             cache = _one_cache(cache, past_key_values)
-            mask = _padding_mask(attention_mask, inputs)
-            packed = _packed_offsets(inputs, mask, cache, use_cache, position_ids, cu_seq_lens_q, cu_seqlens)
             graphable = (input_ids is not None and use_cache is not False and labels is None
                          and not output_hidden_states)
-            forward_path = choose_path(self, inputs, cache, mask, graphable, packed is not None)
-            if forward_path is ForwardPath.DECODE_GRAPH:
-                logits = self._decode_graph(inputs.shape[0]).replay(input_ids, mask, cache)
+            context = forward_context(
+                self, inputs, cache, attention_mask, use_cache, position_ids, cu_seq_lens_q, cu_seqlens, graphable
+            )
+            if context.path is ForwardPath.DECODE_GRAPH:
+                logits = self._decode_graph(inputs.shape[0]).replay(input_ids, context.attention_mask, cache)
                 output = RWKV7CausalLMOutput(logits=logits, **{CACHE_NAME: cache})
                 return output if return_dict else output.to_tuple()
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
-            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions, return_dict=True, position_ids=position_ids,
-            cu_seq_lens_q=cu_seq_lens_q, cu_seqlens=cu_seqlens, forward_path=forward_path,
+            input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, past_key_values=past_key_values,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            return_dict=True, context=context,
         )
         hidden = outputs.last_hidden_state
         hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
@@ -1176,7 +1185,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         if labels is not None and self.training and _is_plain_linear(self.lm_head):
             loss = self._fused_loss(hidden, labels, **kwargs)
         else:
-            if forward_path is ForwardPath.DECODE_TRITON:  # a one-row head is a fused matrix-vector kernel too
+            if context.path is ForwardPath.DECODE_TRITON:  # a one-row head is a fused matrix-vector kernel too
                 logits = kernels.decode_step.linear(hidden, self.lm_head.weight)
             else:
                 logits = self.lm_head(hidden)

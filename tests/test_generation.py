@@ -322,7 +322,7 @@ def test_forward_context_moves_to_a_blocks_device(world):
     padding mask and sequence offsets on its own device (`world` loads the model's code)."""
     from modeling_rwkv7 import ForwardContext, ForwardPath
 
-    ctx = ForwardContext(ForwardPath.SEQUENCE_PYTORCH, torch.ones(2, 5), False, torch.tensor([0, 2, 5]))
+    ctx = ForwardContext(ForwardPath.SEQUENCE_PYTORCH, torch.ones(2, 5), torch.tensor([0, 2, 5]))
     assert ctx.on(torch.device("cpu")) is ctx
     moved = ctx.on(torch.device("meta"))
     assert moved.attention_mask.device.type == "meta" and moved.cu_seqlens.device.type == "meta"
