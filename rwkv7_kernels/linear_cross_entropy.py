@@ -19,6 +19,7 @@ matrix products per chunk), which the backward only scales: the forward keeps th
 
 import torch
 
+
 def _chunks(N, V, rows=None):
     """Row ranges of the chunks: by default about 2**28 float32 logits (1 GiB) each, never fewer than 256 rows."""
     rows = rows or max(256, 2**28 // V)
