@@ -322,7 +322,8 @@ class ForwardPath(enum.Enum):
     DECODE_TRITON = "one token per row: the block in fused Triton kernels (decode_block_triton)"
     DECODE_PYTORCH = "one token per row: the block's modules, its time mix tuned for the CPU"
     SEQUENCE_TRITON = "no autograd, no padding: the block with Triton kernels (sequence_block_triton)"
-    SEQUENCE_TRITON_WKV = "the block's modules, WKV-7 in the chunked Triton kernel (with its backward)"
+    SEQUENCE_TRITON_MODULES = ("the block's modules; the token shifts and the time mix between them in Triton kernels "
+                               "with their backward")
     SEQUENCE_PYTORCH = "the block's modules in PyTorch"
 
 
@@ -346,7 +347,7 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False, packed=Fa
                         weights: not a PEFT or quantised layer, nor one accelerate moves or offloads around calls);
         DECODE_PYTORCH  otherwise.
     A sequence runs SEQUENCE_TRITON if the kernels can run and read the projections (as above), without autograd,
-    padding or `packed` sequences; SEQUENCE_TRITON_WKV if the kernels can run; SEQUENCE_PYTORCH otherwise.
+    padding or `packed` sequences; SEQUENCE_TRITON_MODULES if the kernels can run; SEQUENCE_PYTORCH otherwise.
     The kernels can run with implementation "triton"; with "auto" where triton is usable (kernels.HAS_TRITON), the
     inputs are on CUDA and the heads 64 wide.
     """
@@ -381,7 +382,7 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False, packed=Fa
     if kernels_run:
         if not grad and attention_mask is None and not packed and _kernels_can_read_projections(model):
             return ForwardPath.SEQUENCE_TRITON
-        return ForwardPath.SEQUENCE_TRITON_WKV
+        return ForwardPath.SEQUENCE_TRITON_MODULES
     return ForwardPath.SEQUENCE_PYTORCH
 
 
@@ -432,9 +433,11 @@ class ForwardContext:
         # (shift_mix, time_mix): the implementations of the block's two non-linear ops on the paths that run the
         # block's math in modules; same arguments and results as the references (rwkv7_kernels/ops_reference.py)
         reference = kernels.ops_reference
-        if self.path is ForwardPath.SEQUENCE_TRITON_WKV:
-            chunked = partial(reference.time_mix_reference, wkv7=kernels.wkv7_chunk.chunk_wkv7)
-            self.ops = reference.shift_mix_reference, chunked
+        if self.path is ForwardPath.SEQUENCE_TRITON_MODULES:
+            # the shift kernel takes rows without gaps: rows with padding shift in the reference
+            shift = (kernels.shift_mix_sequence.shift_mix_sequence if self.attention_mask is None
+                     else reference.shift_mix_reference)
+            self.ops = shift, kernels.time_mix_sequence.time_mix_sequence
         elif self.path is ForwardPath.DECODE_PYTORCH:
             self.ops = reference.shift_mix_reference, kernels.torch_decode.time_mix_step
         else:

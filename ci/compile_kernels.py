@@ -48,6 +48,7 @@ from rwkv7_kernels import TimeMixParams, decode_step  # noqa: E402
 from rwkv7_kernels.linear_decode import linear_row  # noqa: E402
 from rwkv7_kernels.norm_mix_linear_decode import norm_mix_linear_row  # noqa: E402
 from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
+from rwkv7_kernels.shift_mix_sequence import shift_mix_sequence  # noqa: E402
 from rwkv7_kernels.time_mix_sequence import time_mix_sequence  # noqa: E402
 from rwkv7_kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
 
@@ -87,6 +88,25 @@ def time_mix_prefill(dtype, B, T, H, first_layer, with_state):
     state = randn(B, H, 64, 64) if with_state else None
     time_mix_sequence(r, w_raw, k, v, a_raw, None if first_layer else v_gate, None if first_layer else v_first, g,
                       time_mix_params(dtype, H), state=state)
+
+
+def time_mix_training(dtype, B, T, H, first_layer, masked, cu_seqlens=None):
+    """time_mix_sequence forward and backward (training): with a padding mask, or packed sequences (B = 1)."""
+    C = H * 64
+    r, w_raw, k, v, a_raw, v_gate, v_first, g = (randn(B, T, C, dtype=dtype, grad=True) for _ in range(8))
+    mask = torch.ones(B, T, dtype=torch.long) if masked else None
+    y, _, state = time_mix_sequence(r, w_raw, k, v, a_raw, None if first_layer else v_gate,
+                                    None if first_layer else v_first, g, time_mix_params(dtype, H),
+                                    state=randn(B, H, 64, 64), attention_mask=mask, cu_seqlens=cu_seqlens)
+    (y.float().sum() + state.sum()).backward()
+
+
+def shift_mix_training(dtype, B, T, C, mixes, cu_seqlens=None):
+    """shift_mix_sequence forward and backward, prev's gradient included (rows) or not (packed)."""
+    x, prev = randn(B, T, C, dtype=dtype, grad=True), randn(B, C, dtype=dtype, grad=True)
+    mixed, _ = shift_mix_sequence(x, prev, [randn(C, dtype=dtype, grad=True) for _ in range(mixes)],
+                                  cu_seqlens=cu_seqlens)
+    sum(m.float().sum() for m in mixed).backward()
 
 
 def time_mix_params(dtype, H):
@@ -149,6 +169,10 @@ def workloads(dtype):
     return [
         ("time mix prefill, layer 0", lambda: time_mix_prefill(dtype, 1, 70, 16, True, False)),
         ("time mix prefill, with state", lambda: time_mix_prefill(dtype, 9, 40, 16, False, True)),
+        ("time mix training, layer 0, mask", lambda: time_mix_training(dtype, 2, 70, 16, True, True)),
+        ("time mix training, packed", lambda: time_mix_training(dtype, 1, 333, 16, False, False, cu_int32)),
+        ("shift/mix training", lambda: shift_mix_training(dtype, 2, 70, 1024, 6)),
+        ("shift/mix training, packed", lambda: shift_mix_training(dtype, 1, 333, 2560, 1, cu_int32)),
         ("wkv7 varlen, int64 offsets", lambda: chunk_wkv7(*wkv7_inputs(1, 100, 16, dtype), randn(3, 16, 64, 64),
                                                            True, torch.tensor([0, 31, 64, 100]))),
         ("wkv7 training", lambda: wkv7_training(dtype, 2, 70, 16, False)),

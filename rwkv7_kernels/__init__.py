@@ -8,7 +8,8 @@ References (plain PyTorch; the math; what runs on CPU and under autograd without
     linear_cross_entropy the training loss from the hidden states, chunk by chunk, without the logits (PyTorch)
 Triton kernels (importing one imports triton):
     wkv7_chunk           chunked WKV-7, forward and backward (prefill, training)
-    time_mix_sequence    the time mix of a prefill around the chunked WKV-7, two elementwise kernels
+    time_mix_sequence    the time mix of whole sequences around the chunked WKV-7, forward and backward
+    shift_mix_sequence   token shift and lerps of whole sequences, forward and backward (training)
     norm_shift_mix_fused token shift and lerps (optionally after a LayerNorm) of a prefill or several decoding rows
     decode_step          the fused ops of a decoding step (norm_mix_linear_decode.py, time_mix_decode.py,
                          linear_decode.py, launched with pdl.py)
@@ -35,8 +36,8 @@ from .wkv7_reference import wkv7_reference
 
 MIN_TRITON = (3, 5)  # the decoding kernels' programmatic dependent launch (gdc_wait) compiles from triton 3.5 on
 KERNEL_HEAD_SIZE = 64  # the head size the WKV-7 kernels take
-_KERNEL_MODULES = ("wkv7_chunk", "time_mix_sequence", "norm_shift_mix_fused", "decode_step", "linear_decode",
-                   "norm_mix_linear_decode", "time_mix_decode", "pdl", "triton_helpers")
+_KERNEL_MODULES = ("wkv7_chunk", "time_mix_sequence", "shift_mix_sequence", "norm_shift_mix_fused", "decode_step",
+                   "linear_decode", "norm_mix_linear_decode", "time_mix_decode", "pdl", "triton_helpers")
 
 
 def triton_supported(version):

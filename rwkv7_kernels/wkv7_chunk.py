@@ -381,7 +381,8 @@ def _state_config(n_programs, V, device):
 
 
 def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, needs_grad):
-    """The forward's two launches. Returns (o, final state or None, what the backward needs or None)."""
+    """The forward's two launches. Returns (o, final state or None, what the backward needs besides the inputs, or
+    None)."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -405,42 +406,50 @@ def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqle
         Qr, Ov, M, C, egC, initial_state, o, ht, hs, cu_seqlens, coff, T, BV=BV, STAGES=stages,
         USE_H0=initial_state is not None, STORE_FINAL=output_final_state, SAVE=needs_grad, num_warps=warps, **meta,
     )
-    saved = (r, w, k, v, a, b, Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff) if needs_grad else None
+    saved = (Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff) if needs_grad else None
     return o, ht, saved
+
+
+def _chunk_backward(inputs, saved, do, dht, has_h0):
+    """The backward's three launches, from the forward's inputs (r, w, k, v, a, b) and what it saved for the
+    backward (_chunk_forward's third result without the inputs). Returns (dr, dw, dk, dv, da, db, dh0 or None)."""
+    r, w, k, v, a, b = inputs
+    Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff = saved
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    slots = hs.shape[0]
+    do = do.contiguous()
+    dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in inputs)
+    dh0 = r.new_empty(N, H, K, V, dtype=torch.float32) if has_h0 else None
+    dhs = torch.empty_like(hs)
+    meta = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None, PREC=_prec(r))
+    BV, warps, stages = _state_config(N * H, V, r.device)
+    _state_bwd_kernel[(V // BV, N * H)](
+        Qr, M, egC, do, None if dht is None else dht.contiguous(), dhs, dh0, cu_seqlens, coff, T,
+        BV=BV, STAGES=stages, USE_DHT=dht is not None, STORE_DH0=has_h0, num_warps=warps, **meta,
+    )
+    sa = torch.empty(slots, H, BT, V, dtype=hs.dtype, device=r.device)
+    dU = torch.empty_like(sa)
+    _grad_sa_kernel[(slots, H)](r, w, k, v, a, b, do, Ti, hs, dhs, dv, sa, dU, cu_seqlens, chunks, T,
+                                num_warps=GRAD_SA_WARPS[r.dtype], **meta)
+    _grad_kernel[(slots, H)](r, w, k, v, a, b, do, hs, dhs, sa, dU, dr, dw, dk, da, db, cu_seqlens, chunks, T,
+                             num_warps=4, **meta)
+    return dr, dw, dk, dv, da, db, dh0
 
 
 class _ChunkWKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens):
         o, ht, saved = _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, True)
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(r, w, k, v, a, b, *saved)
         ctx.has_h0 = initial_state is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        r, w, k, v, a, b, Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff = ctx.saved_tensors
-        B, T, H, K = r.shape
-        V = v.shape[-1]
-        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        slots = hs.shape[0]
-        do = do.contiguous()
-        dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in (r, w, k, v, a, b))
-        dh0 = r.new_empty(N, H, K, V, dtype=torch.float32) if ctx.has_h0 else None
-        dhs = torch.empty_like(hs)
-        meta = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None, PREC=_prec(r))
-        BV, warps, stages = _state_config(N * H, V, r.device)
-        _state_bwd_kernel[(V // BV, N * H)](
-            Qr, M, egC, do, None if dht is None else dht.contiguous(), dhs, dh0, cu_seqlens, coff, T,
-            BV=BV, STAGES=stages, USE_DHT=dht is not None, STORE_DH0=ctx.has_h0, num_warps=warps, **meta,
-        )
-        sa = torch.empty(slots, H, BT, V, dtype=hs.dtype, device=r.device)
-        dU = torch.empty_like(sa)
-        _grad_sa_kernel[(slots, H)](r, w, k, v, a, b, do, Ti, hs, dhs, dv, sa, dU, cu_seqlens, chunks, T,
-                                    num_warps=GRAD_SA_WARPS[r.dtype], **meta)
-        _grad_kernel[(slots, H)](r, w, k, v, a, b, do, hs, dhs, sa, dU, dr, dw, dk, da, db, cu_seqlens, chunks, T,
-                                 num_warps=4, **meta)
-        return dr, dw, dk, dv, da, db, dh0, None, None
+        inputs, saved = ctx.saved_tensors[:6], ctx.saved_tensors[6:]
+        return (*_chunk_backward(inputs, saved, do, dht, ctx.has_h0), None, None)
 
 
 def chunk_wkv7(r, w, k, v, a, b, initial_state=None, output_final_state=False, cu_seqlens=None):

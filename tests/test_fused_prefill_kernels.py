@@ -1,6 +1,6 @@
-"""The fused kernels of a prefill (rwkv7_kernels/time_mix_sequence.py, rwkv7_kernels/norm_shift_mix_fused.py on
-sequences) against their PyTorch references (rwkv7_kernels/ops_reference.py) run in float64, and the model's prefill
-through the kernels against its PyTorch path.
+"""The fused kernels of whole sequences (rwkv7_kernels/time_mix_sequence.py, shift_mix_sequence.py and
+norm_shift_mix_fused.py), forward and backward, against their PyTorch references (rwkv7_kernels/ops_reference.py)
+run in float64, and the model's prefill through the kernels against its PyTorch path.
 
 Without CUDA (CI) the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set by
 tests/conftest.py before the kernel modules are imported); on a CUDA machine the same file runs them on the GPU:
@@ -18,7 +18,8 @@ from helpers import tiny_model
 from modeling_rwkv7 import ForwardPath, choose_path
 from rwkv7_kernels import TimeMixParams
 from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused
-from rwkv7_kernels.ops_reference import norm_shift_mix_reference, time_mix_reference
+from rwkv7_kernels.ops_reference import norm_shift_mix_reference, shift_mix_reference, time_mix_reference
+from rwkv7_kernels.shift_mix_sequence import shift_mix_sequence
 from rwkv7_kernels.time_mix_sequence import time_mix_sequence
 
 pytestmark = pytest.mark.kernels
@@ -98,6 +99,101 @@ def test_time_mix_sequence_matches_reference(dtype, first_layer, with_state):
         assert final_state is None
 
 
+# relative RMS error bounds of outputs and gradients against float64, per input dtype: float32 measures about 6e-7;
+# bf16 about 9e-3 (every input, and k', v', a, b, o between the kernels, rounded to bf16) where the PyTorch path in
+# bf16 measures about 1.1e-2
+GRAD_BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+PACKED = [0, 13, 14, 30, 37]  # offsets of 4 sequences packed into one row of 37 tokens (one of a single token)
+
+
+def leaves(tensors, dtype):
+    """Copies of `tensors` (None stays None) in dtype, on the test device, requiring gradients."""
+    return [None if t is None else t.to(DEVICE, dtype).requires_grad_() for t in tensors]
+
+
+def gradients(outputs, inputs, seed):
+    """The gradients of sum(output * random weights) over the outputs that are not None, float64 weights."""
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)).sum()
+               for out in outputs if out is not None)
+    return torch.autograd.grad(loss, [t for t in inputs if t is not None])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first_layer", [True, False], ids=["layer0", "layer1+"])
+@pytest.mark.parametrize("mode", ["plain", "padding", "packed", "state"])
+def test_time_mix_sequence_gradients_match_reference(dtype, first_layer, mode):
+    """The time mix's backward (recomputing the elementwise values, then the after-kernel's, WKV-7's and the
+    before-kernel's backward): the gradients of every input, parameter and the initial state against float64, with
+    a padding mask, packed sequences or a state carried in and out."""
+    B, T, H = (1 if mode == "packed" else 2, 37, 2) if DEVICE == "cpu" else (1 if mode == "packed" else 2, 300, 4)
+    C, N = H * 64, 64
+    g = torch.Generator().manual_seed(int(first_layer))
+    inputs = [torch.randn(B, T, C, generator=g) for _ in range(8)]  # r, w_raw, k, v, a_raw, v_gate_raw, v_first, g
+    if first_layer:
+        inputs[5] = inputs[6] = None
+    params = [torch.randn(C, generator=g) * 0.1 + 0.85, torch.randn(C, generator=g) * 0.1 + 1,
+              torch.randn(H, N, generator=g) * 0.1, torch.randn(C, generator=g) * 0.1 + 1,
+              torch.randn(C, generator=g) * 0.1]  # k_k, k_a, r_k, gn_weight, gn_bias
+    state = torch.randn(B, H, N, N, generator=g) * 0.5 if mode == "state" else None
+    mask = cu_seqlens = None
+    if mode == "padding":
+        mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+        mask[0, :5] = 0  # left padding in one row, right padding in the other
+        mask[1, -3:] = 0
+    if mode == "packed":
+        offsets = PACKED if DEVICE == "cpu" else [0, 13, 14, 230, 300]
+        cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+
+    def run(fn, dt, state_dt):
+        xs, ps, st = leaves(inputs, dt), leaves(params, dt), leaves([state], state_dt)[0]
+        y, _, final = fn(*xs, TimeMixParams(*ps, 64e-5), state=st, attention_mask=mask, cu_seqlens=cu_seqlens)
+        return y, final, gradients((y, final), xs + ps + [st], seed=1)
+
+    def errors(y, grads):
+        return [rel(y, ref_y)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+
+    ref_y, _, ref_grads = run(time_mix_reference, torch.float64, torch.float64)
+    y, final, grads = run(time_mix_sequence, dtype, torch.float32)
+    assert y.dtype == dtype and (final is None) == (state is None)
+    bounds = [GRAD_BOUNDS[dtype]] * (len(grads) + 1)
+    if dtype == torch.bfloat16:  # some draws are ill-conditioned in bf16: no worse than the PyTorch path in bf16
+        plain_y, _, plain_grads = run(time_mix_reference, dtype, torch.float32)
+        bounds = [max(bound, 1.5 * e) for bound, e in zip(bounds, errors(plain_y, plain_grads))]
+    assert all(e <= bound for e, bound in zip(errors(y, grads), bounds)), (errors(y, grads), bounds)
+    for grad, ref in zip(grads, ref_grads):
+        assert grad.shape == ref.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mixes", [6, 1])
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_shift_mix_sequence_gradients_match_reference(dtype, mixes, packed):
+    """The token shift and lerps, forward and backward (x, prev and each mix), against float64; packed sequences
+    each start from zeros, so prev gets no gradient from them."""
+    B, T, C = (1 if packed else 2, 37, 192) if DEVICE == "cpu" else (1 if packed else 3, 300, 2560)
+    g = torch.Generator().manual_seed(mixes)
+    x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    mix = [torch.rand(1, 1, C, generator=g) for _ in range(mixes)]  # the model's [1, 1, C] parameters
+    cu_seqlens = torch.tensor(PACKED, dtype=torch.int32, device=DEVICE) if packed else None
+
+    def run(fn, dt):
+        xs = leaves([x, prev, *mix], dt)
+        mixed, last = fn(xs[0], xs[1], xs[2:], cu_seqlens=cu_seqlens)
+        return [*mixed, last], gradients([*mixed, last], xs, seed=2)
+
+    ref_out, ref_grads = run(shift_mix_reference, torch.float64)
+    out, grads = run(shift_mix_sequence, dtype)
+    errors = [rel(a, b) for a, b in zip(out, ref_out)]
+    errors += [rel(a, b) for a, b in zip(grads, ref_grads) if b.abs().sum() > 0]
+    assert max(errors) <= GRAD_BOUNDS[dtype], errors
+    if packed:
+        assert torch.equal(grads[1], torch.zeros_like(grads[1]))
+    assert all(a.shape == b.shape and a.dtype == dtype for a, b in zip(grads, ref_grads))
+    with pytest.raises(ValueError, match="without padding"):
+        shift_mix_sequence(x.to(DEVICE), prev.to(DEVICE), mix, attention_mask=torch.ones(B, T))
+
+
 @torch.no_grad()
 def test_model_prefill_through_kernels_equals_pytorch():
     """The model's prefill through the kernels (implementation "triton"; on the CPU under the interpreter in CI)
@@ -125,7 +221,7 @@ def test_model_prefill_through_kernels_equals_pytorch():
 
     padded = ones.clone()
     padded[1, 5:8] = 0  # the new tokens of row 1 are left-padded
-    assert choose_path(model, prompt[:, 5:], cache, padded[:, 5:]) is ForwardPath.SEQUENCE_TRITON_WKV
+    assert choose_path(model, prompt[:, 5:], cache, padded[:, 5:]) is ForwardPath.SEQUENCE_TRITON_MODULES
     chunked, _ = run("triton", padded)
     reference, _ = run("pytorch", padded)
     assert rel(chunked, reference) <= 1e-5

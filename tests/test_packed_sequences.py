@@ -86,7 +86,7 @@ def test_packed_through_the_chunked_kernel():
     reference = copy.deepcopy(m)
     m.set_implementation("triton")
     inputs = packing(seqs, "cu_seqlens")
-    assert choose_path(m, inputs["input_ids"], None, None, packed=True) is ForwardPath.SEQUENCE_TRITON_WKV
+    assert choose_path(m, inputs["input_ids"], None, None, packed=True) is ForwardPath.SEQUENCE_TRITON_MODULES
     loss = m(**inputs, labels=packed_labels(seqs)).loss
     ref = reference(**inputs, labels=packed_labels(seqs)).loss
     loss.backward()
