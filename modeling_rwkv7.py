@@ -442,6 +442,10 @@ class ForwardContext:
             self.ops = reference.shift_mix_reference, kernels.torch_decode.time_mix_step
         else:
             self.ops = reference.shift_mix_reference, reference.time_mix_reference
+        # the training loss's cross entropy of a chunk of logits (rwkv7_kernels/linear_cross_entropy.py)
+        kernels_run = self.path in (ForwardPath.SEQUENCE_TRITON, ForwardPath.SEQUENCE_TRITON_MODULES)
+        self.cross_entropy = (kernels.cross_entropy_rows.cross_entropy_rows if kernels_run
+                              else reference.cross_entropy_rows_reference)
 
     def on(self, device):
         """This context with its tensors on `device`; itself when they lie there already."""
@@ -1186,7 +1190,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         loss = logits = None
         if labels is not None and self.training and _is_plain_linear(self.lm_head):
-            loss = self._fused_loss(hidden, labels, **kwargs)
+            loss = self._fused_loss(hidden, labels, context.cross_entropy, **kwargs)
         else:
             if context.path is ForwardPath.DECODE_TRITON:  # a one-row head is a fused matrix-vector kernel too
                 logits = kernels.decode_step.linear(hidden, self.lm_head.weight)
@@ -1199,7 +1203,8 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         )
         return output if return_dict else output.to_tuple()
 
-    def _fused_loss(self, hidden, labels, shift_labels=None, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    def _fused_loss(self, hidden, labels, cross_entropy, shift_labels=None, num_items_in_batch=None, ignore_index=-100,
+                    **kwargs):
         """The loss transformers' ForCausalLMLoss computes (next-token cross entropy; pre-shifted `shift_labels` as
         given under context parallelism; divided by `num_items_in_batch` when Trainer passes it), without the
         logits (rwkv7_kernels/linear_cross_entropy.py)."""
@@ -1208,7 +1213,7 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         shift_labels = shift_labels.to(hidden.device)
         return kernels.linear_cross_entropy.linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shift_labels.reshape(-1), num_items_in_batch,
-            ignore_index,
+            ignore_index, rows=cross_entropy,
         )
 
     def _decode_graph(self, batch_size):

@@ -45,6 +45,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import rwkv7_kernels  # noqa: E402
 from rwkv7_kernels import pdl, wkv7_chunk  # noqa: E402
 from rwkv7_kernels import TimeMixParams, decode_step  # noqa: E402
+from rwkv7_kernels.cross_entropy_rows import cross_entropy_rows  # noqa: E402
 from rwkv7_kernels.linear_decode import linear_row  # noqa: E402
 from rwkv7_kernels.norm_mix_linear_decode import norm_mix_linear_row  # noqa: E402
 from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
@@ -107,6 +108,12 @@ def shift_mix_training(dtype, B, T, C, mixes, cu_seqlens=None):
     mixed, _ = shift_mix_sequence(x, prev, [randn(C, dtype=dtype, grad=True) for _ in range(mixes)],
                                   cu_seqlens=cu_seqlens)
     sum(m.float().sum() for m in mixed).backward()
+
+
+def cross_entropy(dtype, V, need_grad):
+    """cross_entropy_rows: a chunk of the training loss (with the gradient), or a loss without autograd."""
+    labels = torch.randint(0, V, (8,))
+    cross_entropy_rows(randn(8, V, dtype=dtype), labels, torch.tensor([0.1]), need_grad=need_grad)
 
 
 def time_mix_params(dtype, H):
@@ -173,6 +180,8 @@ def workloads(dtype):
         ("time mix training, packed", lambda: time_mix_training(dtype, 1, 333, 16, False, False, cu_int32)),
         ("shift/mix training", lambda: shift_mix_training(dtype, 2, 70, 1024, 6)),
         ("shift/mix training, packed", lambda: shift_mix_training(dtype, 1, 333, 2560, 1, cu_int32)),
+        ("cross entropy, World vocabulary", lambda: cross_entropy(dtype, 65536, True)),
+        ("cross entropy, no gradient", lambda: cross_entropy(dtype, 65536, False)),
         ("wkv7 varlen, int64 offsets", lambda: chunk_wkv7(*wkv7_inputs(1, 100, 16, dtype), randn(3, 16, 64, 64),
                                                            True, torch.tensor([0, 31, 64, 100]))),
         ("wkv7 training", lambda: wkv7_training(dtype, 2, 70, 16, False)),

@@ -3,13 +3,15 @@ is checked against. Which of them runs for a call is decided in one place, model
 
 References (plain PyTorch; the math; what runs on CPU and under autograd without kernels):
     wkv7_reference       the WKV-7 recurrence over sequences (wkv7_reference.py)
-    ops_reference        token shift and lerps, the time mix around WKV-7, activations (ops_reference.py)
+    ops_reference        token shift and lerps, the time mix around WKV-7, activations, cross entropy
+                         (ops_reference.py)
     torch_decode         the time mix of one decoding step, tuned for the CPU (torch_decode.py)
     linear_cross_entropy the training loss from the hidden states, chunk by chunk, without the logits (PyTorch)
 Triton kernels (importing one imports triton):
     wkv7_chunk           chunked WKV-7, forward and backward (prefill, training)
     time_mix_sequence    the time mix of whole sequences around the chunked WKV-7, forward and backward
     shift_mix_sequence   token shift and lerps of whole sequences, forward and backward (training)
+    cross_entropy_rows   the cross entropy of a chunk of logits and its gradient (linear_cross_entropy on CUDA)
     norm_shift_mix_fused token shift and lerps (optionally after a LayerNorm) of a prefill or several decoding rows
     decode_step          the fused ops of a decoding step (norm_mix_linear_decode.py, time_mix_decode.py,
                          linear_decode.py, launched with pdl.py)
@@ -36,8 +38,9 @@ from .wkv7_reference import wkv7_reference
 
 MIN_TRITON = (3, 5)  # the decoding kernels' programmatic dependent launch (gdc_wait) compiles from triton 3.5 on
 KERNEL_HEAD_SIZE = 64  # the head size the WKV-7 kernels take
-_KERNEL_MODULES = ("wkv7_chunk", "time_mix_sequence", "shift_mix_sequence", "norm_shift_mix_fused", "decode_step",
-                   "linear_decode", "norm_mix_linear_decode", "time_mix_decode", "pdl", "triton_helpers")
+_KERNEL_MODULES = ("wkv7_chunk", "time_mix_sequence", "shift_mix_sequence", "cross_entropy_rows",
+                   "norm_shift_mix_fused", "decode_step", "linear_decode", "norm_mix_linear_decode", "time_mix_decode",
+                   "pdl", "triton_helpers")
 
 
 def triton_supported(version):

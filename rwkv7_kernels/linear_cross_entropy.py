@@ -11,13 +11,15 @@ Shapes, layouts, dtypes:
     weight  : [V, C] (nn.Linear's layout), the head's
     labels  : [N] int64, ignore_index where a row has no label
 As transformers computes it, the logits of a chunk are the head's output in the model dtype, then float32 for
-the log-softmax. The memory of the unfused loss is [N, V] logits in the model dtype, their float32 copy and both
+the log-softmax (ops_reference.cross_entropy_rows_reference, or its kernel on CUDA: cross_entropy_rows.py). The memory of the unfused loss is [N, V] logits in the model dtype, their float32 copy and both
 their gradients: gigabytes for a World vocabulary (V = 65536) at a few thousand tokens. Here a chunk of rows at a
 time has its logits in float32, and their gradient is turned at once into the gradients of hidden and weight (two
 matrix products per chunk), which the backward only scales: the forward keeps those gradients instead of logits.
 """
 
 import torch
+
+from .ops_reference import cross_entropy_rows_reference
 
 
 def _chunks(N, V, rows=None):
@@ -28,47 +30,43 @@ def _chunks(N, V, rows=None):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, count, ignore_index, need_hidden_grad, need_weight_grad, chunk_rows):
+    def forward(ctx, hidden, weight, labels, count, ignore_index, need_hidden_grad, need_weight_grad, chunk_rows,
+                rows):
         N, V = hidden.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        scale = 1 / count
         for start, end in _chunks(N, V, chunk_rows):
-            h, y = hidden[start:end], labels[start:end]
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            has_label = y != ignore_index
-            target = y.masked_fill(~has_label, 0)
-            total += torch.where(has_label, lse - logits.gather(1, target[:, None]).squeeze(1), 0.0).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d loss / d logits = (softmax - one_hot(label)) / count, zero for rows without a label
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(end - start, device=grad.device), target] -= 1.0
-            grad = (grad * (has_label / count)[:, None]).to(hidden.dtype)
+            h = hidden[start:end]
+            chunk_total, grad = rows(h @ weight.T, labels[start:end], scale, ignore_index,
+                                     need_grad=grad_hidden is not None or grad_weight is not None)
+            total += chunk_total
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad @ weight
             if grad_weight is not None:
                 grad_weight += (grad.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return total / count
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_loss if grad_hidden is not None else None
         grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, ignore_index=-100, chunk_rows=None):
+def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, ignore_index=-100, chunk_rows=None,
+                         rows=cross_entropy_rows_reference):
     """The mean cross entropy of the logits hidden W^T against labels (see the module docstring); differentiable in
     hidden and weight. num_items_in_batch: the count to divide by (default: the rows with a label). chunk_rows: rows
-    a chunk (default: about 1 GiB of float32 logits)."""
+    a chunk (default: about 1 GiB of float32 logits). rows: the cross entropy of a chunk of logits and its gradient
+    (ops_reference.cross_entropy_rows_reference's signature; the Triton kernel of cross_entropy_rows.py on CUDA)."""
     count = (labels != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
     count = torch.as_tensor(count, device=hidden.device).float().clamp(min=1)
     grad = torch.is_grad_enabled()
     need_hidden_grad, need_weight_grad = grad and hidden.requires_grad, grad and weight.requires_grad
     return _LinearCrossEntropy.apply(hidden, weight, labels, count, ignore_index, need_hidden_grad, need_weight_grad,
-                                     chunk_rows)
+                                     chunk_rows, rows)

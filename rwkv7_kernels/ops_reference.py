@@ -150,3 +150,24 @@ def linear_cross_entropy_reference(hidden, weight, labels, num_items_in_batch=No
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     count = (labels != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
     return total / torch.as_tensor(count, device=total.device).float().clamp(min=1)
+
+
+def cross_entropy_rows_reference(logits, labels, scale, ignore_index=-100, need_grad=True):
+    """The cross entropy of a chunk of logits and its gradient, as linear_cross_entropy.py takes them.
+
+    logits [N, V] in the model dtype (the head's output; the log-softmax is taken in float32), labels [N] int64
+    (ignore_index: no label), scale: a float32 tensor of one element, 1 / the loss's count.
+    Returns (the sum over labelled rows of logsumexp(logits) - logits[label], float32 scalar; with need_grad the
+    gradient of that sum times scale: (softmax(logits) - one_hot(label)) * scale, zero in unlabelled rows, [N, V] in
+    logits' dtype, else None).
+    """
+    dtype, logits = logits.dtype, logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    has_label = labels != ignore_index
+    target = labels.masked_fill(~has_label, 0)
+    total = torch.where(has_label, lse - logits.gather(1, target[:, None]).squeeze(1), 0.0).sum()
+    if not need_grad:
+        return total, None
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad[torch.arange(len(labels), device=grad.device), target] -= 1.0
+    return total, (grad * (has_label * scale)[:, None]).to(dtype)

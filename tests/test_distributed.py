@@ -461,6 +461,10 @@ def trainer_worker_main(out_dir):
     torch.set_num_threads(1)
     result = run_trainer(out_dir, ROWS // WORLD, distributed=True)
     torch.save(result, Path(out_dir) / f"trainer{os.environ['RANK']}.pt")
+    # Trainer leaves its process group open; gloo's threads torn down at interpreter exit can abort the worker
+    # ("terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def run_with_deadline(argv, env, timeout, log):

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from rwkv7_kernels.linear_cross_entropy import linear_cross_entropy
-from rwkv7_kernels.ops_reference import linear_cross_entropy_reference
+from rwkv7_kernels.ops_reference import cross_entropy_rows_reference, linear_cross_entropy_reference
 
 VOCAB = 97
 
@@ -105,6 +105,46 @@ def test_linear_cross_entropy_equals_the_loss_on_logits(dtype, frozen_head, num_
     if not frozen_head:
         assert weight.grad.dtype == dtype
         torch.testing.assert_close(weight.grad, ref_weight.grad, **tolerance)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [97, 5000])  # one block of columns; two, the second partial
+def test_cross_entropy_rows_kernel_matches_reference(dtype, vocab):
+    """The loss kernel (rwkv7_kernels/cross_entropy_rows.py; under the interpreter on the CPU in CI) against its
+    PyTorch reference: the loss of a chunk, its gradient written over the logits, and the whole chunked loss with
+    the kernel inside."""
+    from conftest import KERNEL_TEST_DEVICE as DEVICE
+
+    from rwkv7_kernels.cross_entropy_rows import cross_entropy_rows
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(37, vocab, generator=g) * 3).to(DEVICE, dtype)
+    labels = torch.randint(0, vocab, (37,), generator=g).to(DEVICE)
+    labels[::5] = -100
+    scale = torch.tensor([1 / 30], device=DEVICE)
+    ref_total, ref_grad = cross_entropy_rows_reference(logits.clone(), labels, scale)
+    total, grad = cross_entropy_rows(logits.clone(), labels, scale)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+    assert grad.dtype == dtype and torch.equal(grad[::5], torch.zeros_like(grad[::5]))  # unlabelled rows
+    # the same float32 values rounded to the dtype, up to one rounding step
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-7)
+    unchanged = logits.clone()
+    total, grad = cross_entropy_rows(unchanged, labels, scale, need_grad=False)
+    assert grad is None and torch.equal(unchanged, logits)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-5)
+
+    hidden = torch.randn(37, 16, generator=g).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(vocab, 16, generator=g) * 0.3).to(DEVICE, dtype).requires_grad_()
+    ref_hidden, ref_weight = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_rows=8, rows=cross_entropy_rows)
+    ref = linear_cross_entropy(ref_hidden, ref_weight, labels, chunk_rows=8)
+    loss.backward()
+    ref.backward()
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(loss, ref, **tolerance)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, **tolerance)
+    torch.testing.assert_close(weight.grad, ref_weight.grad, **tolerance)
 
 
 def test_training_loss_needs_no_logits_and_equals_the_usual_loss():
