@@ -33,29 +33,37 @@ BLOCK_C = 128
 
 
 @triton.jit
-def _shifted(x_ptr, prev_ptr, starts_ptr, rows, cols, inside, rows_total, T, C, PACKED: tl.constexpr):
-    """x_prev of the rows: the row before, prev at a row's first token, zeros at a packed sequence's first."""
+def _starts(starts_ptr, rows, rows_total, T, PACKED: tl.constexpr):
+    """Whether each row is the first token of a row of x or of a packed sequence."""
     first = (rows % T) == 0
     if PACKED:
         first = first | (tl.load(starts_ptr + rows, mask=rows < rows_total, other=0) != 0)
-    at = (rows.to(tl.int64) - 1)[:, None] * C + cols[None, :]
-    x_prev = tl.load(x_ptr + at, mask=inside & ~first[:, None], other=0.0).to(tl.float32)
-    if not PACKED:
-        at_prev = (rows // T).to(tl.int64)[:, None] * C + cols[None, :]
-        x_prev += tl.load(prev_ptr + at_prev, mask=inside & first[:, None], other=0.0).to(tl.float32)
-    return x_prev, first
+    return first
 
 
-@triton.jit(do_not_specialize=["T", "M"])  # Triton compiles an int equal to 1 into a kernel of its own
-def _shift_mix_fwd_kernel(x_ptr, prev_ptr, starts_ptr, mixes, outs, rows_total, T, C, M,
-                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PACKED: tl.constexpr):
+@triton.jit
+def _tile(x_ptr, prev_ptr, starts_ptr, rows_total, T, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+          PACKED: tl.constexpr):
+    """This program's tile: rows, columns, mask, offsets, x, x_prev - x (x_prev: the row before; prev at a row's
+    first token; zeros at a packed sequence's first) and which rows are first tokens."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     inside = (rows < rows_total)[:, None] & (cols < C)[None, :]
     at = rows.to(tl.int64)[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
-    x_prev, _ = _shifted(x_ptr, prev_ptr, starts_ptr, rows, cols, inside, rows_total, T, C, PACKED)
-    delta = x_prev - x
+    first = _starts(starts_ptr, rows, rows_total, T, PACKED)
+    x_prev = tl.load(x_ptr + at - C, mask=inside & ~first[:, None], other=0.0).to(tl.float32)
+    if not PACKED:
+        at_prev = (rows // T).to(tl.int64)[:, None] * C + cols[None, :]
+        x_prev += tl.load(prev_ptr + at_prev, mask=inside & first[:, None], other=0.0).to(tl.float32)
+    return rows, cols, inside, at, x, x_prev - x, first
+
+
+@triton.jit(do_not_specialize=["T", "M"])  # Triton compiles an int equal to 1 into a kernel of its own
+def _shift_mix_fwd_kernel(x_ptr, prev_ptr, starts_ptr, mixes, outs, rows_total, T, C, M,
+                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PACKED: tl.constexpr):
+    rows, cols, inside, at, x, delta, _ = _tile(x_ptr, prev_ptr, starts_ptr, rows_total, T, C, BLOCK_T, BLOCK_C,
+                                                PACKED)
     for m in tl.static_range(len(mixes)):  # always MAX_MIXES pointers, M of them used
         if m < M:
             mix = tl.load(mixes[m] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
@@ -66,19 +74,11 @@ def _shift_mix_fwd_kernel(x_ptr, prev_ptr, starts_ptr, mixes, outs, rows_total, 
 def _shift_mix_bwd_kernel(x_ptr, prev_ptr, starts_ptr, mixes, d_outs, dx_ptr, dprev_ptr, dmix_ptr, rows_total, T, C,
                           M, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PACKED: tl.constexpr,
                           PREV_GRAD: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    inside = (rows < rows_total)[:, None] & (cols < C)[None, :]
-    at = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
-    x_prev, first = _shifted(x_ptr, prev_ptr, starts_ptr, rows, cols, inside, rows_total, T, C, PACKED)
-    delta = x_prev - x
+    rows, cols, inside, at, x, delta, first = _tile(x_ptr, prev_ptr, starts_ptr, rows_total, T, C, BLOCK_T, BLOCK_C,
+                                                    PACKED)
     # the next row reads this one as its x_prev unless it starts a row or a packed sequence
     nexts = rows + 1
-    next_first = (nexts % T) == 0
-    if PACKED:
-        next_first = next_first | (tl.load(starts_ptr + nexts, mask=nexts < rows_total, other=0) != 0)
-    next_inside = inside & ((nexts < rows_total) & ~next_first)[:, None]
+    next_inside = inside & ((nexts < rows_total) & ~_starts(starts_ptr, nexts, rows_total, T, PACKED))[:, None]
     dx = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
     d_prev = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
     for m in tl.static_range(len(d_outs)):
