@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import relative_rms_error, tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
@@ -145,6 +145,46 @@ def test_cross_entropy_rows_kernel_matches_reference(dtype, vocab):
     torch.testing.assert_close(loss, ref, **tolerance)
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, **tolerance)
     torch.testing.assert_close(weight.grad, ref_weight.grad, **tolerance)
+
+
+@pytest.mark.kernels
+def test_peft_lora_training_runs_the_kernels_and_equals_pytorch(monkeypatch):
+    """With PEFT's LoRA layers in place of the projections, training still runs the token-shift, time-mix and loss
+    kernels between the modules (on the CPU under the interpreter in CI), and the adapters' gradients equal those of
+    the PyTorch path."""
+    from conftest import KERNEL_TEST_DEVICE as DEVICE
+
+    import rwkv7_kernels
+    from modeling_rwkv7 import ForwardPath, choose_path
+
+    calls = {}
+    for module, name in (("shift_mix_sequence", "shift_mix_sequence"), ("time_mix_sequence", "time_mix_sequence"),
+                         ("cross_entropy_rows", "cross_entropy_rows")):
+        kernel = getattr(getattr(rwkv7_kernels, module), name)
+
+        def counted(*args, kernel=kernel, name=name, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(getattr(rwkv7_kernels, module), name, counted)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+                        init_lora_weights=False)  # random B too: every adapter weight gets a gradient
+    base = tiny_model(hidden=128, layers=2, vocab=VOCAB, seed=5).to(DEVICE).train()
+    torch.manual_seed(0)
+    adapted = get_peft_model(base, config)
+    models = {implementation: copy.deepcopy(adapted) for implementation in ("triton", "pytorch")}
+    inputs = {k: v.to(DEVICE) for k, v in batch(seed=3, length=40).items()}
+    grads = {}
+    for implementation, model in models.items():
+        model.base_model.model.set_implementation(implementation)
+        model(**inputs).loss.backward()
+        grads[implementation] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    triton_model = models["triton"].base_model.model
+    triton_model.set_implementation("triton")
+    assert choose_path(triton_model, inputs["input_ids"], None, None) is ForwardPath.SEQUENCE_TRITON_MODULES
+    assert calls == {"shift_mix_sequence": 4, "time_mix_sequence": 2, "cross_entropy_rows": 1}, calls
+    for name, grad in grads["pytorch"].items():
+        assert relative_rms_error(grads["triton"][name], grad) <= 1e-4, name
 
 
 @pytest.mark.kernels
