@@ -11,10 +11,12 @@ Shapes, layouts, dtypes:
     weight  : [V, C] (nn.Linear's layout), the head's
     labels  : [N] int64, ignore_index where a row has no label
 As transformers computes it, the logits of a chunk are the head's output in the model dtype, then float32 for
-the log-softmax (ops_reference.cross_entropy_rows_reference, or its kernel on CUDA: cross_entropy_rows.py). The memory of the unfused loss is [N, V] logits in the model dtype, their float32 copy and both
-their gradients: gigabytes for a World vocabulary (V = 65536) at a few thousand tokens. Here a chunk of rows at a
-time has its logits in float32, and their gradient is turned at once into the gradients of hidden and weight (two
-matrix products per chunk), which the backward only scales: the forward keeps those gradients instead of logits.
+the log-softmax (ops_reference.cross_entropy_rows_reference; on CUDA its kernel, cross_entropy_rows.py, which keeps
+the chunk in the model dtype and writes the gradient over it). The memory of the unfused loss is [N, V] logits in
+the model dtype, their float32 copy and both their gradients: gigabytes for a World vocabulary (V = 65536) at a few
+thousand tokens. Here one chunk of rows at a time has logits, and their gradient is turned at once into the
+gradients of hidden and weight (two matrix products per chunk), which the backward only scales: the forward keeps
+those gradients instead of logits.
 """
 
 import torch
