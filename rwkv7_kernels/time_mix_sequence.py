@@ -225,11 +225,11 @@ class _TimeMixSequence(torch.autograd.Function):
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         w, k_new, v_new, a_wkv, b_wkv = _before_wkv(w_raw, k, v, a_raw, vg, vf, k_k, k_a, mask, H)  # recomputed
         grid = (triton.cdiv(rows, BLOCK_T_BWD), H)
-        partial = lambda: torch.empty(grid[0], C, dtype=torch.float32, device=r.device)  # noqa: E731
+        per_block = lambda: torch.empty(grid[0], C, dtype=torch.float32, device=r.device)  # noqa: E731  (partial sums)
         f32 = lambda: torch.empty(rows, C, dtype=torch.float32, device=r.device)  # noqa: E731
         do, dg = torch.empty_like(o), torch.empty_like(g)
         dr_after, dk_after, dv_after = f32(), f32(), f32()
-        dgn_w, dgn_b, dr_k = partial(), partial(), partial()
+        dgn_w, dgn_b, dr_k = per_block(), per_block(), per_block()
         _after_wkv_bwd_kernel[grid](dy, o, r, k_new, v_new, g, r_k, gn_w, gn_b, do, dr_after, dk_after, dv_after, dg,
                                     dgn_w, dgn_b, dr_k, ctx.gn_eps, rows, C=C, N=N, BLOCK_T=BLOCK_T_BWD, num_warps=4)
         dr_wkv, dw, dk_wkv, dv_wkv, da_wkv, db_wkv, d_state = _chunk_backward(
@@ -239,7 +239,7 @@ class _TimeMixSequence(torch.autograd.Function):
         first_layer = vf is None
         dr, dw_raw, dk, dv, da_raw = (torch.empty_like(t) for t in (r, w_raw, k, v, a_raw))
         dvg, dvf = (None, None) if first_layer else (torch.empty_like(vg), torch.empty_like(vf))
-        dk_k, dk_a = partial(), partial()
+        dk_k, dk_a = per_block(), per_block()
         _before_wkv_bwd_kernel[grid](
             w_raw, k, v, a_raw, v if first_layer else vg, v if first_layer else vf, k_k, k_a,
             k if mask is None else mask, dr_wkv, dw, dk_wkv, dv_wkv, da_wkv, db_wkv, dr_after, dk_after, dv_after,
