@@ -174,6 +174,13 @@ def rank_results(out_dir, name):
     return [torch.load(Path(out_dir) / f"{name}{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
+def spawned_results(tmp_path_factory, name):
+    """What each rank of `{name}_worker`, spawned in a fresh folder, saved as `{name}{rank}.pt`."""
+    out_dir = tmp_path_factory.mktemp(name)
+    spawn(f"{name}_worker", out_dir)
+    return rank_results(out_dir, name)
+
+
 def assert_all_close(actual, expected, what, **tolerance):
     assert actual.keys() == expected.keys(), what
     for name in expected:
@@ -213,9 +220,7 @@ def ddp_worker(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp")
-    spawn("ddp_worker", out_dir)
-    return rank_results(out_dir, "ddp")
+    return spawned_results(tmp_path_factory, "ddp")
 
 
 @pytest.fixture(scope="module")
@@ -337,9 +342,7 @@ def fsdp_worker(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("fsdp")
-    spawn("fsdp_worker", out_dir)
-    return rank_results(out_dir, "fsdp")
+    return spawned_results(tmp_path_factory, "fsdp")
 
 
 @pytest.fixture(scope="module")
