@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -322,6 +323,9 @@ class ForwardPath(enum.Enum):
     DECODE_TRITON = "one token per row: the block in fused Triton kernels (decode_block_triton)"
     DECODE_PYTORCH = "one token per row: the block's modules, its time mix tuned for the CPU"
     SEQUENCE_TRITON = "no autograd, no padding: the block with Triton kernels (sequence_block_triton)"
+    SEQUENCE_TRITON_TRAINING = ("autograd or packed sequences, no padding: the block's modules, but each token shift "
+                                "with the projections reading it, the time mix and relu^2 with the value projection "
+                                "in ops with their own backward that recompute their inputs (BlockOps)")
     SEQUENCE_TRITON_MODULES = ("the block's modules; the token shifts and the time mix between them in Triton kernels "
                                "with their backward")
     SEQUENCE_PYTORCH = "the block's modules in PyTorch"
@@ -346,8 +350,10 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False, packed=Fa
         DECODE_TRITON   if the kernels can run and every projection is a plain nn.Linear (the kernels read the
                         weights: not a PEFT or quantised layer, nor one accelerate moves or offloads around calls);
         DECODE_PYTORCH  otherwise.
-    A sequence runs SEQUENCE_TRITON if the kernels can run and read the projections (as above), without autograd,
-    padding or `packed` sequences; SEQUENCE_TRITON_MODULES if the kernels can run; SEQUENCE_PYTORCH otherwise.
+    A sequence runs, where the kernels can run and read the projections (as above) and there is no padding,
+        SEQUENCE_TRITON          without autograd or `packed` sequences,
+        SEQUENCE_TRITON_TRAINING otherwise;
+    SEQUENCE_TRITON_MODULES where the kernels can run; SEQUENCE_PYTORCH otherwise.
     The kernels can run with implementation "triton"; with "auto" where triton is usable (kernels.HAS_TRITON), the
     inputs are on CUDA and the heads 64 wide.
     """
@@ -380,8 +386,8 @@ def choose_path(model, inputs, cache, attention_mask, graphable=False, packed=Fa
             return ForwardPath.DECODE_GRAPH
         return ForwardPath.DECODE_TRITON if kernels_run and _kernels_can_read_projections(model) else ForwardPath.DECODE_PYTORCH
     if kernels_run:
-        if not grad and attention_mask is None and not packed and _kernels_can_read_projections(model):
-            return ForwardPath.SEQUENCE_TRITON
+        if attention_mask is None and _kernels_can_read_projections(model):
+            return ForwardPath.SEQUENCE_TRITON if not grad and not packed else ForwardPath.SEQUENCE_TRITON_TRAINING
         return ForwardPath.SEQUENCE_TRITON_MODULES
     return ForwardPath.SEQUENCE_PYTORCH
 
@@ -419,6 +425,45 @@ def _kernels_can_read_projections(model):
     ) and (head is None or _is_plain_linear(head))
 
 
+def _call_readers(shifted, readers):
+    """The outputs of the modules reading each lerp, given (the lerps, the new prev): `project` on the modules."""
+    mixed, prev = shifted
+    return [module(m) for m, modules in zip(mixed, readers) for module in modules], prev
+
+
+def _project_reference(x, prev, mixes, readers, **shift_kwargs):
+    return _call_readers(kernels.ops_reference.shift_mix_reference(x, prev, mixes, **shift_kwargs), readers)
+
+
+def _project_kernel(x, prev, mixes, readers, **shift_kwargs):
+    return _call_readers(kernels.shift_mix_sequence.shift_mix_sequence(x, prev, mixes, **shift_kwargs), readers)
+
+
+def _project_fused(x, prev, mixes, readers, **shift_kwargs):
+    weights = [[module.weight for module in modules] for modules in readers]
+    return kernels.shift_mix_sequence.shift_mix_linear(x, prev, mixes, weights, **shift_kwargs)
+
+
+def _relu_square_value_module(k, value):
+    return value(torch.relu(k).square())
+
+
+def _relu_square_value_fused(k, value):
+    return kernels.relu_square_linear.relu_square_linear(k, value.weight)
+
+
+class BlockOps(NamedTuple):
+    """The implementations of the block's ops on the paths that run the block's math in its modules, each with the
+    arguments and results of its reference."""
+
+    # (x, prev, mixes, readers, attention_mask=, in_place=, cu_seqlens=) -> ([reader(mixed[m]) for each reader of
+    # each mix m], the new prev): the token shift and lerps (ops_reference.shift_mix_reference), then the modules
+    # (no-bias linear layers) reading each lerp; readers[m] are those of mixes[m]
+    project: Callable
+    time_mix: Callable  # ops_reference.time_mix_reference
+    relu_square_value: Callable  # (k, value) -> value(relu(k)^2)
+
+
 @dataclass
 class ForwardContext:
     """What the layers of one forward share besides their inputs."""
@@ -430,20 +475,22 @@ class ForwardContext:
     def __post_init__(self):
         # a decoding step updates the states where they lie (a CUDA graph of the step owns them)
         self.in_place = self.path in (ForwardPath.DECODE_TRITON, ForwardPath.DECODE_PYTORCH)
-        # (shift_mix, time_mix): the implementations of the block's two non-linear ops on the paths that run the
-        # block's math in modules; same arguments and results as the references (rwkv7_kernels/ops_reference.py)
+        # the implementations of the block's ops on the paths that run the block's math in modules
         reference = kernels.ops_reference
-        if self.path is ForwardPath.SEQUENCE_TRITON_MODULES:
+        if self.path is ForwardPath.SEQUENCE_TRITON_TRAINING:
+            # read the weights: the backward recomputes the lerps and relu(k)^2 instead of keeping them
+            self.ops = BlockOps(_project_fused, kernels.time_mix_sequence.time_mix_sequence, _relu_square_value_fused)
+        elif self.path is ForwardPath.SEQUENCE_TRITON_MODULES:
             # the shift kernel takes rows without gaps: rows with padding shift in the reference
-            shift = (kernels.shift_mix_sequence.shift_mix_sequence if self.attention_mask is None
-                     else reference.shift_mix_reference)
-            self.ops = shift, kernels.time_mix_sequence.time_mix_sequence
+            project = _project_kernel if self.attention_mask is None else _project_reference
+            self.ops = BlockOps(project, kernels.time_mix_sequence.time_mix_sequence, _relu_square_value_module)
         elif self.path is ForwardPath.DECODE_PYTORCH:
-            self.ops = reference.shift_mix_reference, kernels.torch_decode.time_mix_step
+            self.ops = BlockOps(_project_reference, kernels.torch_decode.time_mix_step, _relu_square_value_module)
         else:
-            self.ops = reference.shift_mix_reference, reference.time_mix_reference
+            self.ops = BlockOps(_project_reference, reference.time_mix_reference, _relu_square_value_module)
         # the training loss's cross entropy of a chunk of logits (rwkv7_kernels/linear_cross_entropy.py)
-        kernels_run = self.path in (ForwardPath.SEQUENCE_TRITON, ForwardPath.SEQUENCE_TRITON_MODULES)
+        kernels_run = self.path in (ForwardPath.SEQUENCE_TRITON, ForwardPath.SEQUENCE_TRITON_TRAINING,
+                                    ForwardPath.SEQUENCE_TRITON_MODULES)
         self.cross_entropy = (kernels.cross_entropy_rows.cross_entropy_rows if kernels_run
                               else reference.cross_entropy_rows_reference)
 
@@ -556,6 +603,10 @@ class LoRA(nn.Module):
     def forward(self, x):
         return self.lora(x)
 
+    def from_down(self, hidden):
+        """activation(hidden) B (+ bias): the rest of the LoRA, given its down-projection's output x A."""
+        return self.lora[2](self.lora[1](hidden))
+
 
 class RWKV7TimeMix(nn.Module):
     """The attention replacement: six token-shift lerps, the projections and LoRAs, the WKV-7 recurrence, GroupNorm,
@@ -594,17 +645,20 @@ class RWKV7TimeMix(nn.Module):
     def forward(self, xa, v_first, state: LayerState, ctx: ForwardContext):
         """xa [B, T, C]: the normalised input, attn_norm(x); v_first: layer 0's v (None entering layer 0).
         Returns (the time mix's output [B, T, C], v_first, the layer's state with this mix's part updated)."""
-        shift_mix, time_mix = ctx.ops
-        # lerps between each token's xa and the previous token's: x_r = xa + (xa_prev - xa) * self.x_r, ...
-        (x_r, x_w, x_k, x_v, x_a, x_g), attn_shift = shift_mix(
-            xa, state.attn_shift, self.mixes(), attention_mask=ctx.attention_mask, in_place=ctx.in_place,
+        # lerps between each token's xa and the previous token's, x_r = xa + (xa_prev - xa) * self.x_r, ..., each
+        # read by its projections: r = x_r W_r, the LoRAs' down-projections x_w A_w, ...
+        v_readers = (self.v_proj, self.v_lora.down) if self.layer_idx > 0 else (self.v_proj,)
+        readers = ((self.r_proj,), (self.w_lora.down,), (self.k_proj,), v_readers, (self.a_lora.down,),
+                   (self.g_lora.down,))
+        (r, w, k, v, *v_gate, a, g), attn_shift = ctx.ops.project(
+            xa, state.attn_shift, self.mixes(), readers, attention_mask=ctx.attention_mask, in_place=ctx.in_place,
             cu_seqlens=ctx.cu_seqlens,
         )
-        v_gate = self.v_lora(x_v) if self.layer_idx > 0 else None
-        y, v_first, wkv = time_mix(
-            self.r_proj(x_r), self.w_lora(x_w), self.k_proj(x_k), self.v_proj(x_v), self.a_lora(x_a), v_gate,
-            v_first, self.g_lora(x_g), self.params(), state=state.wkv, attention_mask=ctx.attention_mask,
-            in_place=ctx.in_place, cu_seqlens=ctx.cu_seqlens,
+        v_gate = self.v_lora.from_down(*v_gate) if v_gate else None
+        y, v_first, wkv = ctx.ops.time_mix(
+            r, self.w_lora.from_down(w), k, v, self.a_lora.from_down(a), v_gate, v_first, self.g_lora.from_down(g),
+            self.params(), state=state.wkv, attention_mask=ctx.attention_mask, in_place=ctx.in_place,
+            cu_seqlens=ctx.cu_seqlens,
         )
         return self.o_proj(y), v_first, state._replace(wkv=wkv, attn_shift=attn_shift)
 
@@ -620,10 +674,10 @@ class RWKV7ChannelMix(nn.Module):
 
     def forward(self, xf, state: LayerState, ctx: ForwardContext):
         """xf [B, T, C]: the normalised input, ffn_norm(x). Returns (output [B, T, C], the state, ffn_shift updated)."""
-        shift_mix, _ = ctx.ops
-        (x_k,), ffn_shift = shift_mix(xf, state.ffn_shift, (self.x_k,), attention_mask=ctx.attention_mask,
-                                      in_place=ctx.in_place, cu_seqlens=ctx.cu_seqlens)
-        return self.value(torch.relu(self.key(x_k)).square()), state._replace(ffn_shift=ffn_shift)
+        (k,), ffn_shift = ctx.ops.project(xf, state.ffn_shift, (self.x_k,), ((self.key,),),
+                                          attention_mask=ctx.attention_mask, in_place=ctx.in_place,
+                                          cu_seqlens=ctx.cu_seqlens)
+        return ctx.ops.relu_square_value(k, self.value), state._replace(ffn_shift=ffn_shift)
 
 
 class RWKV7Block(nn.Module):

@@ -1,6 +1,7 @@
 """The token shift and its lerps over whole sequences, forward and backward (training; prefill with the block's
 modules): the inputs of the time mix (six lerps) and of the channel mix (one). The backward reads only x: the lerps'
-inputs are recomputed, not stored.
+inputs are recomputed, not stored. shift_mix_linear also runs the linear layers that read the lerps (training with
+the block's own projections): its backward recomputes the lerps themselves, so nothing but x is kept.
 
 Math: ops_reference.shift_mix_reference without a padding mask:
     x_prev_t = x_{t-1}, with x_{-1} = prev (a row's first token) or 0 (a packed sequence's first token)
@@ -8,7 +9,8 @@ Math: ops_reference.shift_mix_reference without a padding mask:
 Backward:
     dx_t = sum_m dmixed[m, t] (1 - mixes[m]) + sum_m dmixed[m, t + 1] mixes[m]   (t + 1 in the same sequence)
     dmixes[m] = sum_t dmixed[m, t] (x_prev_t - x_t);   dprev = sum_m dmixed[m, 0] mixes[m]
-The new prev (x of a row's last token) is sliced from x outside, under autograd.
+The new prev (x of a row's last token) is sliced from x outside, under autograd. With linear layers, out = mixed[m]
+W^T for each weight W reading mix m: dW = dout^T mixed[m] and dmixed[m] = sum over its weights of dout W.
 
 Shapes, layouts, dtypes:
     x          : [B * T, C] rows, contiguous, the model dtype
@@ -100,52 +102,127 @@ def _pointers(tensors):
     return tuple(tensors) + tuple(tensors[:1]) * (MAX_MIXES - len(tensors))
 
 
+def _shift_mix(x, prev, starts, T, mixes, dtype):
+    """The M lerps [B * T, C] in dtype: the forward kernel's launch."""
+    rows, C = x.shape
+    outs = [torch.empty(rows, C, dtype=dtype, device=x.device) for _ in mixes]
+    grid = (triton.cdiv(rows, BLOCK_T), triton.cdiv(C, BLOCK_C))
+    _shift_mix_fwd_kernel[grid](x, prev, x if starts is None else starts, _pointers(mixes), _pointers(outs), rows, T,
+                                C, len(mixes), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, PACKED=starts is not None,
+                                num_warps=4)
+    return outs
+
+
+def _shift_mix_backward(x, prev, starts, T, mixes, d_outs, prev_grad):
+    """(dx, dprev or None, dmixes in the mixes' shapes and dtypes) from the lerps' gradients d_outs: the backward
+    kernel's launch. prev_grad: whether prev needs its gradient."""
+    rows, C = x.shape
+    grid = (triton.cdiv(rows, BLOCK_T), triton.cdiv(C, BLOCK_C))
+    d_outs = [d.reshape(rows, C).contiguous() for d in d_outs]
+    dx = torch.empty_like(x)
+    dprev = torch.empty_like(prev) if prev_grad and starts is None else None
+    dmix = torch.empty(grid[0], len(mixes), C, dtype=torch.float32, device=x.device)
+    _shift_mix_bwd_kernel[grid](x, prev, x if starts is None else starts, _pointers(mixes), _pointers(d_outs), dx,
+                                prev if dprev is None else dprev, dmix, rows, T, C, len(mixes), BLOCK_T=BLOCK_T,
+                                BLOCK_C=BLOCK_C, PACKED=starts is not None, PREV_GRAD=dprev is not None,
+                                num_warps=4)
+    if prev_grad and dprev is None:  # packed sequences start from zeros, not from prev
+        dprev = torch.zeros_like(prev)
+    return dx, dprev, [d.to(m.dtype).view_as(m) for d, m in zip(dmix.sum(0), mixes)]
+
+
+# The autograd Functions take x [B, T, C] and return [B, T, N] tensors; they run on [B * T, C] rows, reshaped here
+# out of autograd's sight (fewer autograd nodes: less time on the CPU).
+
+
 class _ShiftMixSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, prev, starts, T, *mixes):
-        rows, C = x.shape
-        outs = [torch.empty_like(x) for _ in mixes]
-        grid = (triton.cdiv(rows, BLOCK_T), triton.cdiv(C, BLOCK_C))
-        _shift_mix_fwd_kernel[grid](x, prev, x if starts is None else starts, _pointers(mixes), _pointers(outs),
-                                    rows, T, C, len(mixes), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
-                                    PACKED=starts is not None, num_warps=4)
-        ctx.save_for_backward(x, prev, starts, *mixes)
-        ctx.T = T
-        return tuple(outs)
+    def forward(ctx, x, prev, starts, *mixes):
+        B, T, C = x.shape
+        rows = x.reshape(B * T, C).contiguous()
+        ctx.save_for_backward(rows, prev, starts, *mixes)
+        return tuple(m.view(B, T, C) for m in _shift_mix(rows, prev, starts, T, mixes, x.dtype))
 
     @staticmethod
     def backward(ctx, *d_outs):
         x, prev, starts, *mixes = ctx.saved_tensors
-        rows, C = x.shape
-        grid = (triton.cdiv(rows, BLOCK_T), triton.cdiv(C, BLOCK_C))
-        d_outs = [d.contiguous() for d in d_outs]
-        dx = torch.empty_like(x)
-        prev_grad = ctx.needs_input_grad[1] and starts is None
-        dprev = torch.empty_like(prev) if prev_grad else None
-        dmix = torch.empty(grid[0], len(mixes), C, dtype=torch.float32, device=x.device)
-        _shift_mix_bwd_kernel[grid](x, prev, x if starts is None else starts, _pointers(mixes), _pointers(d_outs),
-                                    dx, prev if dprev is None else dprev, dmix, rows, ctx.T, C, len(mixes),
-                                    BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, PACKED=starts is not None,
-                                    PREV_GRAD=prev_grad, num_warps=4)
-        if ctx.needs_input_grad[1] and dprev is None:  # packed sequences start from zeros, not from prev
-            dprev = torch.zeros_like(prev)
-        dmix = dmix.sum(0)
-        return (dx, dprev, None, None, *(d.to(m.dtype).view_as(m) for d, m in zip(dmix, mixes)))
+        B, T, C = d_outs[0].shape
+        dx, dprev, dmixes = _shift_mix_backward(x, prev, starts, T, mixes, d_outs, ctx.needs_input_grad[1])
+        return (dx.view(B, T, C), dprev, None, *dmixes)
+
+
+class _ShiftMixLinear(torch.autograd.Function):
+    """The lerps and the linear layers reading them; the backward recomputes the lerps from x."""
+
+    @staticmethod
+    def forward(ctx, x, prev, starts, reads, dtype, *mixes_and_weights):
+        B, T, C = x.shape
+        rows = x.reshape(B * T, C).contiguous()
+        mixes, weights = mixes_and_weights[:-len(reads)], mixes_and_weights[-len(reads):]
+        mixed = _shift_mix(rows, prev, starts, T, mixes, dtype)
+        ctx.save_for_backward(rows, prev, starts, *mixes_and_weights)
+        ctx.shape, ctx.reads, ctx.dtype = (B, T, C), reads, dtype
+        return tuple((mixed[m] @ w.to(dtype).T).view(B, T, -1) for m, w in zip(reads, weights))
+
+    @staticmethod
+    def backward(ctx, *d_outs):
+        x, prev, starts, *mixes_and_weights = ctx.saved_tensors
+        (B, T, C), reads, dtype = ctx.shape, ctx.reads, ctx.dtype
+        mixes, weights = mixes_and_weights[:-len(reads)], mixes_and_weights[-len(reads):]
+        mixed = _shift_mix(x, prev, starts, T, mixes, dtype)
+        d_mixed = [None] * len(mixes)
+        d_weights = []
+        weight_grads = ctx.needs_input_grad[-len(reads):]
+        for m, w, d_out, weight_grad in zip(reads, weights, d_outs, weight_grads):
+            d_out = d_out.reshape(B * T, -1)
+            d_weights.append((d_out.T @ mixed[m]).to(w.dtype) if weight_grad else None)
+            d = d_out @ w.to(dtype)
+            d_mixed[m] = d if d_mixed[m] is None else d_mixed[m].add_(d)
+        del mixed
+        dx, dprev, dmixes = _shift_mix_backward(x, prev, starts, T, mixes, d_mixed, ctx.needs_input_grad[1])
+        return (dx.view(B, T, C), dprev, None, None, None, *dmixes, *d_weights)
+
+
+def _packed_starts(cu_seqlens, rows, device):
+    """[rows] int8, 1 at each packed sequence's first token; None without packing."""
+    if cu_seqlens is None:
+        return None
+    return torch.zeros(rows, dtype=torch.int8, device=device).index_fill_(0, cu_seqlens[:-1].long(), 1)
+
+
+def _check(x, mixes, attention_mask, in_place):
+    if attention_mask is not None or in_place:
+        raise ValueError("shift_mix_sequence takes sequences without padding and returns a new prev")
+    C = x.shape[-1]
+    if not 0 < len(mixes) <= MAX_MIXES or any(m.numel() != C for m in mixes):
+        raise ValueError(f"1 to {MAX_MIXES} mixes of {C} elements are needed, got {[m.numel() for m in mixes]}")
 
 
 def shift_mix_sequence(x, prev, mixes, attention_mask=None, in_place=False, cu_seqlens=None):
     """The token shift and lerps of whole sequences, differentiable. Arguments and results: those of
     ops_reference.shift_mix_reference (x [B, T, C]; prev [B, C]; mixes: up to 7 tensors of C elements; cu_seqlens
     [N + 1] with B = 1 or None), without a padding mask or in-place update (those run the reference)."""
-    if attention_mask is not None or in_place:
-        raise ValueError("shift_mix_sequence takes sequences without padding and returns a new prev")
-    B, T, C = x.shape
-    if not 0 < len(mixes) <= MAX_MIXES or any(m.numel() != C for m in mixes):
-        raise ValueError(f"1 to {MAX_MIXES} mixes of {C} elements are needed, got {[m.numel() for m in mixes]}")
-    starts = None
-    if cu_seqlens is not None:
-        starts = torch.zeros(B * T, dtype=torch.int8, device=x.device).index_fill_(0, cu_seqlens[:-1].long(), 1)
+    _check(x, mixes, attention_mask, in_place)
+    B, T, _ = x.shape
     with launch_device(x):
-        mixed = _ShiftMixSequence.apply(x.reshape(B * T, C).contiguous(), prev.contiguous(), starts, T,
-                                        *(m.reshape(C) for m in mixes))
-    return [m.view(B, T, C) for m in mixed], x[:, -1].clone()
+        mixed = _ShiftMixSequence.apply(x, prev.contiguous(), _packed_starts(cu_seqlens, B * T, x.device),
+                                        *(m.contiguous() for m in mixes))
+    return list(mixed), x[:, -1].clone()
+
+
+def shift_mix_linear(x, prev, mixes, weights, attention_mask=None, in_place=False, cu_seqlens=None):
+    """The token shift and lerps of whole sequences and the linear layers (no bias) that read them, differentiable:
+    the backward recomputes the lerps from x, so only x is kept for it, not the M lerps.
+
+    x, prev, mixes, cu_seqlens: as shift_mix_sequence. weights: for each mix, the weights [N_i, C] of the linear
+    layers that read its lerp. Returns (mixed[m] W^T [B, T, N_i] for each weight W of each mix, in order; the new
+    prev). Under autocast the lerps and products are in the autocast dtype, as an nn.Linear's would be.
+    """
+    _check(x, mixes, attention_mask, in_place)
+    B, T, _ = x.shape
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    reads = tuple(m for m, read in enumerate(weights) for _ in read)
+    with launch_device(x):
+        outs = _ShiftMixLinear.apply(x, prev.contiguous(), _packed_starts(cu_seqlens, B * T, x.device), reads, dtype,
+                                     *(m.contiguous() for m in mixes), *(w for read in weights for w in read))
+    return list(outs), x[:, -1].clone()

@@ -1,7 +1,8 @@
 """The RWKV-7 time mix of whole sequences, from the LoRA outputs to o_proj's input, forward and backward (prefill and
 training): an elementwise kernel before the chunked WKV-7 (wkv7_chunk.py), one after it, and one for the backward of
-each. The backward recomputes the elementwise values from the inputs instead of storing them: what the time mix keeps
-for the backward is its bf16 inputs, WKV-7's output and the chunked kernel's own intermediates.
+each. The backward recomputes the elementwise values from the inputs instead of storing them, and the chunked
+kernel's parallel pass: what the time mix keeps for the backward is its bf16 inputs, WKV-7's output and the chunks'
+start states.
 
 Math: ops_reference.time_mix_reference:
     before  w = -exp(-0.5) sigmoid(w_raw) (float32), kk = normalize_per_head(k * k_k), a = sigmoid(a_raw),
@@ -194,17 +195,22 @@ def _before_wkv(w_raw, k, v, a_raw, vg, vf, k_k, k_a, mask, H):
 
 
 class _TimeMixSequence(torch.autograd.Function):
-    """The time mix on [rows, C] inputs; B, T, H give the heads' layout for WKV-7."""
+    """The time mix on [B, T, C] inputs, run on [B * T, C] rows (reshaped here, out of autograd's sight: fewer
+    autograd nodes, less time on the CPU); H gives the heads' layout for WKV-7."""
 
     @staticmethod
-    def forward(ctx, r, w_raw, k, v, a_raw, vg, vf, g, k_k, k_a, r_k, gn_w, gn_b, gn_eps, state, mask, cu_seqlens,
-                shape):
-        B, T, H, N = shape
+    def forward(ctx, r, w_raw, k, v, a_raw, vg, vf, g, k_k, k_a, r_k, gn_w, gn_b, gn_eps, state, mask, cu_seqlens, H):
+        B, T, C = r.shape
+        N = C // H
+        rows = lambda t: None if t is None else t.reshape(B * T, C).contiguous()  # noqa: E731
+        r, w_raw, k, v, a_raw, vg, vf, g = map(rows, (r, w_raw, k, v, a_raw, vg, vf, g))
+        mask = None if mask is None else mask.reshape(B * T).contiguous()
+        r_k = r_k.contiguous()
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         w, k_new, v_new, a_wkv, b_wkv = _before_wkv(w_raw, k, v, a_raw, vg, vf, k_k, k_a, mask, H)
         needs_grad = any(ctx.needs_input_grad)
         o, final_state, saved = _chunk_forward(*map(heads, (r, w, k_new, v_new, a_wkv, b_wkv)), state,
-                                               state is not None, cu_seqlens, needs_grad)
+                                               state is not None, cu_seqlens, needs_grad, keep_prep=False)
         o = o.view(B * T, H * N)
         y = torch.empty_like(r)
         _after_wkv_kernel[(triton.cdiv(B * T, BLOCK_T), H)](
@@ -212,9 +218,9 @@ class _TimeMixSequence(torch.autograd.Function):
         )
         if needs_grad:
             ctx.save_for_backward(r, w_raw, k, v, a_raw, vg, vf, g, o, k_k, k_a, r_k, gn_w, gn_b, mask, *saved)
-            ctx.gn_eps, ctx.shape, ctx.has_state = gn_eps, shape, state is not None
+            ctx.gn_eps, ctx.shape, ctx.has_state = gn_eps, (B, T, H, N), state is not None
             ctx.set_materialize_grads(False)
-        return y, final_state
+        return y.view(B, T, C), final_state
 
     @staticmethod
     def backward(ctx, dy, d_final_state):
@@ -222,14 +228,15 @@ class _TimeMixSequence(torch.autograd.Function):
         B, T, H, N = ctx.shape
         rows, C = r.shape
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
+        dy = torch.zeros_like(r) if dy is None else dy.reshape(rows, C).contiguous()
         w, k_new, v_new, a_wkv, b_wkv = _before_wkv(w_raw, k, v, a_raw, vg, vf, k_k, k_a, mask, H)  # recomputed
         grid = (triton.cdiv(rows, BLOCK_T_BWD), H)
-        per_block = lambda: torch.empty(grid[0], C, dtype=torch.float32, device=r.device)  # noqa: E731  (partial sums)
+        # the parameters' gradients, summed per block of rows by the kernels, then over the blocks at once
+        per_block = torch.empty(5, grid[0], C, dtype=torch.float32, device=r.device)
+        dgn_w, dgn_b, dr_k, dk_k, dk_a = per_block
         f32 = lambda: torch.empty(rows, C, dtype=torch.float32, device=r.device)  # noqa: E731
         do, dg = torch.empty_like(o), torch.empty_like(g)
         dr_after, dk_after, dv_after = f32(), f32(), f32()
-        dgn_w, dgn_b, dr_k = per_block(), per_block(), per_block()
         _after_wkv_bwd_kernel[grid](dy, o, r, k_new, v_new, g, r_k, gn_w, gn_b, do, dr_after, dk_after, dv_after, dg,
                                     dgn_w, dgn_b, dr_k, ctx.gn_eps, rows, C=C, N=N, BLOCK_T=BLOCK_T_BWD, num_warps=4)
         dr_wkv, dw, dk_wkv, dv_wkv, da_wkv, db_wkv, d_state = _chunk_backward(
@@ -239,16 +246,17 @@ class _TimeMixSequence(torch.autograd.Function):
         first_layer = vf is None
         dr, dw_raw, dk, dv, da_raw = (torch.empty_like(t) for t in (r, w_raw, k, v, a_raw))
         dvg, dvf = (None, None) if first_layer else (torch.empty_like(vg), torch.empty_like(vf))
-        dk_k, dk_a = per_block(), per_block()
         _before_wkv_bwd_kernel[grid](
             w_raw, k, v, a_raw, v if first_layer else vg, v if first_layer else vf, k_k, k_a,
             k if mask is None else mask, dr_wkv, dw, dk_wkv, dv_wkv, da_wkv, db_wkv, dr_after, dk_after, dv_after,
             dr, dw_raw, dk, dv, da_raw, dv if first_layer else dvg, dv if first_layer else dvf, dk_k, dk_a,
             rows, int(first_layer), C=C, N=N, BLOCK_T=BLOCK_T_BWD, HAS_MASK=mask is not None, num_warps=4,
         )
-        sums = [t.sum(0).to(p.dtype).view_as(p) for t, p in ((dk_k, k_k), (dk_a, k_a), (dr_k, r_k), (dgn_w, gn_w),
-                                                               (dgn_b, gn_b))]
-        return (dr, dw_raw, dk, dv, da_raw, dvg, dvf, dg, *sums, None, d_state, None, None, None)
+        dgn_w, dgn_b, dr_k, dk_k, dk_a = per_block.sum(1)
+        sums = [d.to(p.dtype).view_as(p) for d, p in ((dk_k, k_k), (dk_a, k_a), (dr_k, r_k), (dgn_w, gn_w),
+                                                      (dgn_b, gn_b))]
+        grads = [None if d is None else d.view(B, T, C) for d in (dr, dw_raw, dk, dv, da_raw, dvg, dvf, dg)]
+        return (*grads, *sums, None, d_state, None, None, None)
 
 
 def time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, state=None, attention_mask=None,
@@ -259,17 +267,12 @@ def time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, sta
     decode_step.py)."""
     if in_place:
         raise ValueError("time_mix_sequence returns a new state; decoding steps update theirs in decode_step.py")
-    B, T, C = r.shape
-    H, N = params.r_k.shape
     first_layer = v_first is None
-    rows = lambda t: None if t is None else t.reshape(B * T, C).contiguous()  # noqa: E731
-    mask = None if attention_mask is None else attention_mask.reshape(B * T).contiguous()
     if state is not None:
         state = state.contiguous().float()
     with launch_device(r):
         y, final_state = _TimeMixSequence.apply(
-            *map(rows, (r, w_raw, k, v, a_raw, v_gate_raw, v_first, g)), params.k_k, params.k_a,
-            params.r_k.contiguous(), params.gn_weight, params.gn_bias, params.gn_eps, state, mask, cu_seqlens,
-            (B, T, H, N),
+            r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params.k_k, params.k_a, params.r_k, params.gn_weight,
+            params.gn_bias, params.gn_eps, state, attention_mask, cu_seqlens, params.r_k.shape[0],
         )
-    return y.view(B, T, C), v if first_layer else v_first, final_state
+    return y, v if first_layer else v_first, final_state

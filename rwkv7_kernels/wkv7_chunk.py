@@ -380,13 +380,10 @@ def _state_config(n_programs, V, device):
     return (16, 2, 3) if n_programs < sm_count(device) else (V, 4, 2)
 
 
-def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, needs_grad):
-    """The forward's two launches. Returns (o, final state or None, what the backward needs besides the inputs, or
-    None)."""
+def _prepare(r, w, k, v, a, b, cu_seqlens, chunks, slots, store_ti):
+    """The parallel pass over chunks (_prep_fwd_kernel). Returns (Ti or None, Qr, Ov, M, C, exp(gC))."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    slots, chunks, coff = _chunk_table(cu_seqlens, B, T)
     f32 = dict(dtype=torch.float32, device=r.device)
     stored = dict(dtype=_stored_dtype(r), device=r.device)
     Qr = torch.empty(B, T, H, K, **stored)
@@ -394,24 +391,39 @@ def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqle
     M = torch.empty(slots, H, K, K, **stored)
     C = torch.empty(slots, H, K, V, **stored)
     egC = torch.empty(slots, H, K, **f32)
-    Ti = torch.empty(slots, H, BT, BT, **f32) if needs_grad else None
-    hs = torch.empty(slots, H, K, V, **stored) if needs_grad else None
+    Ti = torch.empty(slots, H, BT, BT, **f32) if store_ti else None
+    _prep_fwd_kernel[(slots, H)](r, w, k, v, a, b, Ti, Qr, Ov, M, C, egC, cu_seqlens, chunks, T, H=H, K=K, V=V, BT=BT,
+                                 STORE_TI=store_ti, IS_VARLEN=cu_seqlens is not None, PREC=_prec(r), num_warps=4,
+                                 maxnreg=PREP_MAXNREG)
+    return Ti, Qr, Ov, M, C, egC
+
+
+def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, needs_grad, keep_prep=True):
+    """The forward's two launches. Returns (o, final state or None, what the backward needs besides the inputs, or
+    None). keep_prep: what the backward needs includes the parallel pass's Ti, Qr and M (4 [C] vectors of 16 bits a
+    token for 16-bit inputs); without, the backward runs the parallel pass again (one launch) for them."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    slots, chunks, coff = _chunk_table(cu_seqlens, B, T)
+    Ti, Qr, Ov, M, C, egC = _prepare(r, w, k, v, a, b, cu_seqlens, chunks, slots, needs_grad and keep_prep)
+    hs = torch.empty(slots, H, K, V, dtype=_stored_dtype(r), device=r.device) if needs_grad else None
     o = torch.empty_like(v, dtype=r.dtype)
-    ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
-    meta = dict(H=H, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None, PREC=_prec(r))
-    _prep_fwd_kernel[(slots, H)](r, w, k, v, a, b, Ti, Qr, Ov, M, C, egC, cu_seqlens, chunks, T,
-                                 STORE_TI=needs_grad, num_warps=4, maxnreg=PREP_MAXNREG, **meta)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=r.device) if output_final_state else None
     BV, warps, stages = _state_config(N * H, V, r.device)
     _state_fwd_kernel[(V // BV, N * H)](
-        Qr, Ov, M, C, egC, initial_state, o, ht, hs, cu_seqlens, coff, T, BV=BV, STAGES=stages,
-        USE_H0=initial_state is not None, STORE_FINAL=output_final_state, SAVE=needs_grad, num_warps=warps, **meta,
+        Qr, Ov, M, C, egC, initial_state, o, ht, hs, cu_seqlens, coff, T, H=H, K=K, V=V, BT=BT, BV=BV, STAGES=stages,
+        USE_H0=initial_state is not None, STORE_FINAL=output_final_state, SAVE=needs_grad,
+        IS_VARLEN=cu_seqlens is not None, PREC=_prec(r), num_warps=warps,
     )
-    saved = (Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff) if needs_grad else None
-    return o, ht, saved
+    if not needs_grad:
+        return o, ht, None
+    prep = (Ti, Qr, M) if keep_prep else (None, None, None)
+    return o, ht, (*prep, egC, hs, cu_seqlens, chunks, coff)
 
 
 def _chunk_backward(inputs, saved, do, dht, has_h0):
-    """The backward's three launches, from the forward's inputs (r, w, k, v, a, b) and what it saved for the
+    """The backward's three launches (four without the kept parallel pass), from the forward's inputs (r, w, k, v, a, b) and what it saved for the
     backward (_chunk_forward's third result without the inputs). Returns (dr, dw, dk, dv, da, db, dh0 or None)."""
     r, w, k, v, a, b = inputs
     Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff = saved
@@ -419,6 +431,8 @@ def _chunk_backward(inputs, saved, do, dht, has_h0):
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     slots = hs.shape[0]
+    if Ti is None:  # the forward kept no parallel pass (keep_prep=False): run it again
+        Ti, Qr, _, M, _, egC = _prepare(r, w, k, v, a, b, cu_seqlens, chunks, slots, store_ti=True)
     do = do.contiguous()
     dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in inputs)
     dh0 = r.new_empty(N, H, K, V, dtype=torch.float32) if has_h0 else None

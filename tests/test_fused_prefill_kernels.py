@@ -19,7 +19,7 @@ from modeling_rwkv7 import ForwardPath, choose_path
 from rwkv7_kernels import TimeMixParams
 from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused
 from rwkv7_kernels.ops_reference import norm_shift_mix_reference, shift_mix_reference, time_mix_reference
-from rwkv7_kernels.shift_mix_sequence import shift_mix_sequence
+from rwkv7_kernels.shift_mix_sequence import shift_mix_linear, shift_mix_sequence
 from rwkv7_kernels.time_mix_sequence import time_mix_sequence
 
 pytestmark = pytest.mark.kernels
@@ -165,12 +165,22 @@ def test_time_mix_sequence_gradients_match_reference(dtype, first_layer, mode):
         assert grad.shape == ref.shape
 
 
+def check_shift_mix(out, ref_out, grads, ref_grads, dtype, packed):
+    """The outputs and the gradients of (x, prev, ...) within GRAD_BOUNDS of float64's, in the inputs' shapes and
+    dtype; packed sequences each start from zeros, so prev gets no gradient from them."""
+    errors = [rel(a, b) for a, b in zip(out, ref_out)]
+    errors += [rel(a, b) for a, b in zip(grads, ref_grads) if b.abs().sum() > 0]
+    assert max(errors) <= GRAD_BOUNDS[dtype], errors
+    if packed:
+        assert torch.equal(grads[1], torch.zeros_like(grads[1]))
+    assert all(a.shape == b.shape and a.dtype == dtype for a, b in zip(grads, ref_grads))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mixes", [6, 1])
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 def test_shift_mix_sequence_gradients_match_reference(dtype, mixes, packed):
-    """The token shift and lerps, forward and backward (x, prev and each mix), against float64; packed sequences
-    each start from zeros, so prev gets no gradient from them."""
+    """The token shift and lerps, forward and backward (x, prev and each mix), against float64."""
     B, T, C = (1 if packed else 2, 37, 192) if DEVICE == "cpu" else (1 if packed else 3, 300, 2560)
     g = torch.Generator().manual_seed(mixes)
     x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
@@ -184,14 +194,65 @@ def test_shift_mix_sequence_gradients_match_reference(dtype, mixes, packed):
 
     ref_out, ref_grads = run(shift_mix_reference, torch.float64)
     out, grads = run(shift_mix_sequence, dtype)
-    errors = [rel(a, b) for a, b in zip(out, ref_out)]
-    errors += [rel(a, b) for a, b in zip(grads, ref_grads) if b.abs().sum() > 0]
-    assert max(errors) <= GRAD_BOUNDS[dtype], errors
-    if packed:
-        assert torch.equal(grads[1], torch.zeros_like(grads[1]))
-    assert all(a.shape == b.shape and a.dtype == dtype for a, b in zip(grads, ref_grads))
+    check_shift_mix(out, ref_out, grads, ref_grads, dtype, packed)
     with pytest.raises(ValueError, match="without padding"):
         shift_mix_sequence(x.to(DEVICE), prev.to(DEVICE), mix, attention_mask=torch.ones(B, T))
+
+
+def shift_mix_linear_reference(x, prev, mixes, weights, cu_seqlens=None):
+    """shift_mix_linear's math in PyTorch: the lerps, then each mix's linear layers."""
+    mixed, last = shift_mix_reference(x, prev, mixes, cu_seqlens=cu_seqlens)
+    return [m @ w.T for m, read in zip(mixed, weights) for w in read], last
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_shift_mix_linear_gradients_match_reference(dtype, packed):
+    """The token shift and lerps with the linear layers reading them, as the time mix reads them (one mix read
+    twice, as v is by v_proj and v_lora's down-projection), forward and backward against float64: x, prev, every mix
+    and every weight, with the lerps recomputed in the backward."""
+    B, T, C = (1 if packed else 2, 37, 64) if DEVICE == "cpu" else (1 if packed else 3, 300, 1024)
+    g = torch.Generator().manual_seed(7)
+    x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    mix = [torch.rand(1, 1, C, generator=g) for _ in range(6)]
+    sizes = [[C], [16], [C], [C, 8], [16], [24]]  # r; w's LoRA; k; v and v's LoRA; a's LoRA; g's LoRA
+    weights = [[torch.randn(n, C, generator=g) / C**0.5 for n in read] for read in sizes]
+    cu_seqlens = torch.tensor(PACKED, dtype=torch.int32, device=DEVICE) if packed else None
+
+    def run(fn, dt):
+        xs = leaves([x, prev, *mix], dt)
+        ws = [leaves(read, dt) for read in weights]
+        outs, last = fn(xs[0], xs[1], xs[2:], ws, cu_seqlens=cu_seqlens)
+        leaves_ = xs + [w for read in ws for w in read]
+        return [*outs, last], gradients([*outs, last], leaves_, seed=3)
+
+    ref_out, ref_grads = run(shift_mix_linear_reference, torch.float64)
+    out, grads = run(shift_mix_linear, dtype)
+    assert [o.shape for o in out] == [o.shape for o in ref_out]
+    check_shift_mix(out, ref_out, grads, ref_grads, dtype, packed)
+
+
+def test_shift_mix_linear_under_autocast_computes_as_nn_linear():
+    """Under autocast (float32 weights and input, bf16 products, as transformers' Trainer with bf16=True runs), the
+    outputs are bf16 as an nn.Linear's, and the float32 gradients those of the lerps and nn.Linear under autocast."""
+    B, T, C = 2, 20, 64
+    g = torch.Generator().manual_seed(8)
+    x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    mix = [torch.rand(1, 1, C, generator=g) for _ in range(2)]
+    weights = [[torch.randn(C, C, generator=g) / C**0.5], [torch.randn(32, C, generator=g) / C**0.5]]
+
+    def run(fn):
+        xs = leaves([x, prev, *mix], torch.float32)
+        ws = [leaves(read, torch.float32) for read in weights]
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            outs, _ = fn(xs[0], xs[1], xs[2:], ws)
+        assert all(o.dtype == torch.bfloat16 for o in outs)
+        return gradients(outs, xs + [w for read in ws for w in read], seed=4)
+
+    ref_grads, grads = run(shift_mix_linear_reference), run(shift_mix_linear)
+    for grad, ref in zip(grads, ref_grads):
+        assert grad.dtype == torch.float32
+        assert rel(grad, ref) <= GRAD_BOUNDS[torch.bfloat16], rel(grad, ref)
 
 
 @torch.no_grad()

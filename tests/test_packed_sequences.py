@@ -79,16 +79,20 @@ def test_rows_of_packed_sequences():
 def test_packed_through_the_chunked_kernel():
     """With the kernels (on the CPU under the interpreter in CI), packed sequences run the chunked WKV-7 kernel's
     cu_seqlens path, with gradients."""
+    from conftest import KERNEL_TEST_DEVICE as DEVICE
+
     from modeling_rwkv7 import ForwardPath, choose_path
 
     seqs = sequences([37, 1, 20])
-    m = model(seed=4).train()
+    m = model(seed=4).to(DEVICE).train()
     reference = copy.deepcopy(m)
     m.set_implementation("triton")
-    inputs = packing(seqs, "cu_seqlens")
-    assert choose_path(m, inputs["input_ids"], None, None, packed=True) is ForwardPath.SEQUENCE_TRITON_MODULES
-    loss = m(**inputs, labels=packed_labels(seqs)).loss
-    ref = reference(**inputs, labels=packed_labels(seqs)).loss
+    reference.set_implementation("pytorch")
+    inputs = {k: v.to(DEVICE) for k, v in packing(seqs, "cu_seqlens").items()}
+    labels = packed_labels(seqs).to(DEVICE)
+    assert choose_path(m, inputs["input_ids"], None, None, packed=True) is ForwardPath.SEQUENCE_TRITON_TRAINING
+    loss = m(**inputs, labels=labels).loss
+    ref = reference(**inputs, labels=labels).loss
     loss.backward()
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
