@@ -20,6 +20,11 @@ def activation_code(name):
     return ACTIVATIONS.index(name)
 
 
+def linear_dtype(x):
+    """The dtype an nn.Linear computes in on x: autocast's where it is on for x's device, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def sm_count(device):
     """Streaming multiprocessors of a CUDA device, which size launch configurations; 1 elsewhere (the interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

@@ -8,6 +8,8 @@ Backward: dW = dout^T relu(k)^2;  dk = (dout W) 2 relu(k).
 
 import torch
 
+from .common import linear_dtype
+
 
 class _ReluSquareLinear(torch.autograd.Function):
     @staticmethod
@@ -28,6 +30,6 @@ class _ReluSquareLinear(torch.autograd.Function):
 def relu_square_linear(k, weight):
     """relu(k)^2 W^T for k [..., F] and weight [C, F] (nn.Linear's layout, no bias), differentiable in both. Under
     autocast the product is in the autocast dtype, as an nn.Linear's would be."""
-    dtype = torch.get_autocast_dtype(k.device.type) if torch.is_autocast_enabled(k.device.type) else k.dtype
+    dtype = linear_dtype(k)
     out = _ReluSquareLinear.apply(k.reshape(-1, k.shape[-1]), weight, dtype)
     return out.view(*k.shape[:-1], -1)

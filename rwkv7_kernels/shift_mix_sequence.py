@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import launch_device
+from .common import launch_device, linear_dtype
 
 MAX_MIXES = 7
 BLOCK_T = 32
@@ -220,7 +220,7 @@ def shift_mix_linear(x, prev, mixes, weights, attention_mask=None, in_place=Fals
     """
     _check(x, mixes, attention_mask, in_place)
     B, T, _ = x.shape
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = linear_dtype(x)
     reads = tuple(m for m, read in enumerate(weights) for _ in read)
     with launch_device(x):
         outs = _ShiftMixLinear.apply(x, prev.contiguous(), _packed_starts(cu_seqlens, B * T, x.device), reads, dtype,
