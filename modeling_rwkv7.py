@@ -431,17 +431,18 @@ def _call_readers(shifted, readers):
     return [module(m) for m, modules in zip(mixed, readers) for module in modules], prev
 
 
-def _project_reference(x, prev, mixes, readers, **shift_kwargs):
-    return _call_readers(kernels.ops_reference.shift_mix_reference(x, prev, mixes, **shift_kwargs), readers)
+def _project_reference(x, norm, prev, mixes, readers, **shift_kwargs):
+    return _call_readers(kernels.ops_reference.shift_mix_reference(norm(x), prev, mixes, **shift_kwargs), readers)
 
 
-def _project_kernel(x, prev, mixes, readers, **shift_kwargs):
-    return _call_readers(kernels.shift_mix_sequence.shift_mix_sequence(x, prev, mixes, **shift_kwargs), readers)
+def _project_kernel(x, norm, prev, mixes, readers, **shift_kwargs):
+    return _call_readers(kernels.shift_mix_sequence.shift_mix_sequence(norm(x), prev, mixes, **shift_kwargs), readers)
 
 
-def _project_fused(x, prev, mixes, readers, **shift_kwargs):
+def _project_fused(x, norm, prev, mixes, readers, **shift_kwargs):
     weights = [[module.weight for module in modules] for modules in readers]
-    return kernels.shift_mix_sequence.shift_mix_linear(x, prev, mixes, weights, **shift_kwargs)
+    return kernels.shift_mix_sequence.norm_shift_mix_linear(x, norm.weight, norm.bias, norm.eps, prev, mixes, weights,
+                                                            **shift_kwargs)
 
 
 def _relu_square_value_module(k, value):
@@ -456,9 +457,10 @@ class BlockOps(NamedTuple):
     """The implementations of the block's ops on the paths that run the block's math in its modules, each with the
     arguments and results of its reference."""
 
-    # (x, prev, mixes, readers, attention_mask=, in_place=, cu_seqlens=) -> ([reader(mixed[m]) for each reader of
-    # each mix m], the new prev): the token shift and lerps (ops_reference.shift_mix_reference), then the modules
-    # (no-bias linear layers) reading each lerp; readers[m] are those of mixes[m]
+    # (x, norm, prev, mixes, readers, attention_mask=, in_place=, cu_seqlens=) -> ([reader(mixed[m]) for each
+    # reader of each mix m], the new prev): the block's LayerNorm `norm` of x, its token shift and lerps
+    # (ops_reference.shift_mix_reference), then the modules (no-bias linear layers) reading each lerp; readers[m]
+    # are those of mixes[m]
     project: Callable
     time_mix: Callable  # ops_reference.time_mix_reference
     relu_square_value: Callable  # (k, value) -> value(relu(k)^2)
@@ -478,7 +480,8 @@ class ForwardContext:
         # the implementations of the block's ops on the paths that run the block's math in modules
         reference = kernels.ops_reference
         if self.path is ForwardPath.SEQUENCE_TRITON_TRAINING:
-            # read the weights: the backward recomputes the lerps and relu(k)^2 instead of keeping them
+            # read the weights: the backward recomputes the LayerNorms' outputs, the lerps and relu(k)^2 instead of
+            # keeping them
             self.ops = BlockOps(_project_fused, kernels.time_mix_sequence.time_mix_sequence, _relu_square_value_fused)
         elif self.path is ForwardPath.SEQUENCE_TRITON_MODULES:
             # the shift kernel takes rows without gaps: rows with padding shift in the reference
@@ -642,17 +645,18 @@ class RWKV7TimeMix(nn.Module):
             self.k_k, self.k_a, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps
         )
 
-    def forward(self, xa, v_first, state: LayerState, ctx: ForwardContext):
-        """xa [B, T, C]: the normalised input, attn_norm(x); v_first: layer 0's v (None entering layer 0).
+    def forward(self, x, norm, v_first, state: LayerState, ctx: ForwardContext):
+        """x [B, T, C]: the block's input; norm: the block's attn_norm, applied to x by `project` (the training
+        path's backward recomputes its output); v_first: layer 0's v (None entering layer 0).
         Returns (the time mix's output [B, T, C], v_first, the layer's state with this mix's part updated)."""
-        # lerps between each token's xa and the previous token's, x_r = xa + (xa_prev - xa) * self.x_r, ..., each
-        # read by its projections: r = x_r W_r, the LoRAs' down-projections x_w A_w, ...
+        # lerps between each token's xa = norm(x) and the previous token's, x_r = xa + (xa_prev - xa) * self.x_r,
+        # ..., each read by its projections: r = x_r W_r, the LoRAs' down-projections x_w A_w, ...
         v_readers = (self.v_proj, self.v_lora.down) if self.layer_idx > 0 else (self.v_proj,)
         readers = ((self.r_proj,), (self.w_lora.down,), (self.k_proj,), v_readers, (self.a_lora.down,),
                    (self.g_lora.down,))
         (r, w, k, v, *v_gate, a, g), attn_shift = ctx.ops.project(
-            xa, state.attn_shift, self.mixes(), readers, attention_mask=ctx.attention_mask, in_place=ctx.in_place,
-            cu_seqlens=ctx.cu_seqlens,
+            x, norm, state.attn_shift, self.mixes(), readers, attention_mask=ctx.attention_mask,
+            in_place=ctx.in_place, cu_seqlens=ctx.cu_seqlens,
         )
         v_gate = self.v_lora.from_down(*v_gate) if v_gate else None
         y, v_first, wkv = ctx.ops.time_mix(
@@ -672,9 +676,10 @@ class RWKV7ChannelMix(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.value = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, xf, state: LayerState, ctx: ForwardContext):
-        """xf [B, T, C]: the normalised input, ffn_norm(x). Returns (output [B, T, C], the state, ffn_shift updated)."""
-        (k,), ffn_shift = ctx.ops.project(xf, state.ffn_shift, (self.x_k,), ((self.key,),),
+    def forward(self, x, norm, state: LayerState, ctx: ForwardContext):
+        """x [B, T, C]: the block's input after the time mix; norm: the block's ffn_norm, applied to x by `project`.
+        Returns (output [B, T, C], the state, ffn_shift updated)."""
+        (k,), ffn_shift = ctx.ops.project(x, norm, state.ffn_shift, (self.x_k,), ((self.key,),),
                                           attention_mask=ctx.attention_mask, in_place=ctx.in_place,
                                           cu_seqlens=ctx.cu_seqlens)
         return ctx.ops.relu_square_value(k, self.value), state._replace(ffn_shift=ffn_shift)
@@ -707,9 +712,9 @@ class RWKV7Block(nn.Module):
             return sequence_block_triton(self, x, v_first, state)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
-        out, v_first, state = self.attn(self.attn_norm(x), v_first, state, ctx)
+        out, v_first, state = self.attn(x, self.attn_norm, v_first, state, ctx)
         x = x + out
-        out, state = self.ffn(self.ffn_norm(x), state, ctx)
+        out, state = self.ffn(x, self.ffn_norm, state, ctx)
         return x + out, v_first, state
 
 

@@ -63,7 +63,9 @@ def build_fla(ours):
                        decay_low_rank_dim=c.decay_low_rank_dim, a_low_rank_dim=c.a_low_rank_dim,
                        v_low_rank_dim=c.v_low_rank_dim, gate_low_rank_dim=c.gate_low_rank_dim,
                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    fla = FlaForCausalLM(config).to(ours.device, ours.dtype).eval()
+    with torch.device(ours.device):  # its random initialisation is overwritten; on a CPU it takes minutes at 1.5B
+        fla = FlaForCausalLM(config)
+    fla.to(ours.dtype).eval()
     fla.load_state_dict(ours.state_dict(), strict=True)
     return fla
 

@@ -3,7 +3,8 @@
 Both models are built from the same random weights of a released shape (bf16 parameters) and timed in the same
 process on the same GPU. One step is `model(input_ids=ids, labels=ids).loss.backward()`; the time is the median of
 4 steps after 2 warm-ups, and the peak is the most memory allocated during a step, the weights of both models
-included (both stay on the GPU). Ours runs every row of a shape first, then fla (whose first step compiles). Rows:
+included (both stay on the GPU). The two models' timed steps alternate, so that a drift of the machine's speed
+during a run moves both alike. Rows:
   - full fine-tuning at 0.4B 4 x 4096 and 16 x 1024, 1.5B 2 x 4096;
   - ours with gradient checkpointing (model.gradient_checkpointing_enable()), against fla without;
   - LoRA fine-tuning (PEFT, rank 16 on r/k/v/o_proj, key and value, the base frozen), both models the same config.
@@ -19,6 +20,7 @@ import copy
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,24 +44,29 @@ def step(model, ids):
     model(input_ids=ids, labels=ids).loss.backward()
 
 
-def measure(model, ids, steps=4, warmup=2):
-    """(median seconds of a step, peak GiB allocated during a step)."""
-    for _ in range(warmup):
-        step(model, ids)
-        model.zero_grad(set_to_none=True)
-    times, peaks = [], []
-    for _ in range(steps):
+def measure(models, ids, steps=4, warmup=2):
+    """{name: (median seconds of a step, peak GiB allocated during a step)}, the models' timed steps alternating."""
+    for name, model in models.items():  # the first steps compile the kernels (fla's also torch.compile): minutes
+        start = time.perf_counter()
+        for _ in range(warmup):
+            step(model, ids)
+            model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(model, ids)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-        peaks.append(torch.cuda.max_memory_allocated() / 2**30)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(times), max(peaks)
+        print(f"  {name}: {warmup} warm-up steps in {time.perf_counter() - start:.0f} s", flush=True)
+    times, peaks = {name: [] for name in models}, {name: [] for name in models}
+    for _ in range(steps):
+        for name, model in models.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(model, ids)
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3)
+            peaks[name].append(torch.cuda.max_memory_allocated() / 2**30)
+            model.zero_grad(set_to_none=True)
+    return {name: (statistics.median(times[name]), max(peaks[name])) for name in models}
 
 
 def with_lora(model):
@@ -106,26 +113,26 @@ def main():
     for shape in dict.fromkeys(row[0] for row in chosen):  # each shape's two models built once
         torch.cuda.empty_cache()
         ours = build_ours(shape).train()
-        models = {"ours": ours, "fla": build_fla(ours).train()}
-        rows = [{"shape": shape, "batch": b, "tokens": t, "variant": v} for s, b, t, v in chosen if s == shape]
-        # ours in every row first, then fla: fla's first step compiles its token-shift op (torch.compile) for minutes
-        for name, base in models.items():
-            for row in rows:
-                model = with_lora(copy.deepcopy(base)) if row["variant"] == "lora" else base
-                checkpointing = row["variant"] == "checkpointing" and name == "ours"
-                if checkpointing:
-                    model.gradient_checkpointing_enable()
-                ids = torch.randint(1, 65000, (row["batch"], row["tokens"]), device="cuda",
-                                    generator=torch.Generator("cuda").manual_seed(0))
-                row[f"{name}_s"], row[f"{name}_peak_gib"] = measure(model, ids)
-                if args.profile and row["variant"] == "full":
-                    profile(model, ids, f"{name}, {shape} {row['batch']} x {row['tokens']}")
-                if checkpointing:
-                    model.gradient_checkpointing_disable()
-                del model
-                print(json.dumps({"model": name, **row}), flush=True)
-        results += rows
-        del ours, models
+        bases = {"ours": ours, "fla": build_fla(ours).train()}
+        for _, batch, tokens, variant in [row for row in chosen if row[0] == shape]:
+            row = {"shape": shape, "batch": batch, "tokens": tokens, "variant": variant}
+            models = dict(bases)
+            if variant == "lora":
+                models = {name: with_lora(copy.deepcopy(base)) for name, base in bases.items()}
+            if variant == "checkpointing":
+                models["ours"].gradient_checkpointing_enable()
+            ids = torch.randint(1, 65000, (batch, tokens), device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(0))
+            for name, (seconds, peak) in measure(models, ids).items():
+                row[f"{name}_s"], row[f"{name}_peak_gib"] = seconds, peak
+                if args.profile and variant == "full":
+                    profile(models[name], ids, f"{name}, {shape} {batch} x {tokens}")
+            if variant == "checkpointing":
+                models["ours"].gradient_checkpointing_disable()
+            del models
+            print(json.dumps(row), flush=True)
+            results.append(row)
+        del ours, bases
 
     print("\n| shape | batch x tokens | variant | fla tok/s | fla peak GiB | ours tok/s | ours peak GiB | "
           "speed ours / fla | peak ours / fla |")

@@ -49,7 +49,7 @@ from rwkv7_kernels.cross_entropy_rows import cross_entropy_rows  # noqa: E402
 from rwkv7_kernels.linear_decode import linear_row  # noqa: E402
 from rwkv7_kernels.norm_mix_linear_decode import norm_mix_linear_row  # noqa: E402
 from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
-from rwkv7_kernels.shift_mix_sequence import shift_mix_linear, shift_mix_sequence  # noqa: E402
+from rwkv7_kernels.shift_mix_sequence import norm_shift_mix_linear, shift_mix_sequence  # noqa: E402
 from rwkv7_kernels.time_mix_sequence import time_mix_sequence  # noqa: E402
 from rwkv7_kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
 
@@ -110,11 +110,13 @@ def shift_mix_training(dtype, B, T, C, mixes, cu_seqlens=None):
     sum(m.float().sum() for m in mixed).backward()
 
 
-def shift_mix_linear_autocast(B, T, C):
-    """shift_mix_linear forward and backward under autocast: float32 x and mixes, lerps and products in bf16."""
+def norm_shift_mix_linear_autocast(B, T, C):
+    """norm_shift_mix_linear forward and backward under autocast: float32 x, LayerNorm and mixes, lerps and products
+    in bf16."""
     x, prev = randn(B, T, C, grad=True), randn(B, C, grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        outs, _ = shift_mix_linear(x, prev, [randn(C, grad=True)], [[randn(8, C, grad=True)]])
+        outs, _ = norm_shift_mix_linear(x, randn(C, grad=True), randn(C, grad=True), 1e-5, prev, [randn(C, grad=True)],
+                                        [[randn(8, C, grad=True)]])
     outs[0].float().sum().backward()
 
 
@@ -188,7 +190,7 @@ def workloads(dtype):
         ("time mix training, packed", lambda: time_mix_training(dtype, 1, 333, 16, False, False, cu_int32)),
         ("shift/mix training", lambda: shift_mix_training(dtype, 2, 70, 1024, 6)),
         ("shift/mix training, packed", lambda: shift_mix_training(dtype, 1, 333, 2560, 1, cu_int32)),
-        ("shift/mix linear training, autocast", lambda: shift_mix_linear_autocast(2, 70, 1024)),
+        ("norm/shift/mix linear training, autocast", lambda: norm_shift_mix_linear_autocast(2, 70, 1024)),
         ("cross entropy, World vocabulary", lambda: cross_entropy(dtype, 65536, True)),
         ("cross entropy, no gradient", lambda: cross_entropy(dtype, 65536, False)),
         ("wkv7 varlen, int64 offsets", lambda: chunk_wkv7(*wkv7_inputs(1, 100, 16, dtype), randn(3, 16, 64, 64),

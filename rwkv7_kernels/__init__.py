@@ -12,7 +12,7 @@ Triton kernels (importing one imports triton):
     wkv7_chunk           chunked WKV-7, forward and backward (prefill, training)
     time_mix_sequence    the time mix of whole sequences around the chunked WKV-7, forward and backward
     shift_mix_sequence   token shift and lerps of whole sequences, forward and backward (training), also with
-                         the linear layers reading them (shift_mix_linear)
+                         the LayerNorm before and the linear layers reading them (norm_shift_mix_linear)
     cross_entropy_rows   the cross entropy of a chunk of logits and its gradient (linear_cross_entropy on CUDA)
     norm_shift_mix_fused token shift and lerps (optionally after a LayerNorm) of a prefill or several decoding rows
     decode_step          the fused ops of a decoding step (norm_mix_linear_decode.py, time_mix_decode.py,

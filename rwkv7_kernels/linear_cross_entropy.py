@@ -16,7 +16,7 @@ the chunk in the model dtype and writes the gradient over it). The memory of the
 the model dtype, their float32 copy and both their gradients: gigabytes for a World vocabulary (V = 65536) at a few
 thousand tokens. Here one chunk of rows at a time has logits, and their gradient is turned at once into the
 gradients of hidden and weight (two matrix products per chunk), which the backward only scales: the forward keeps
-those gradients instead of logits.
+those gradients, in the dtypes of hidden and weight, instead of logits.
 """
 
 import torch
@@ -48,15 +48,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:end] = grad @ weight
             if grad_weight is not None:
                 grad_weight += (grad.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        # summed over the chunks in float32, kept in the weight's dtype (the dtype of its .grad): at 65536 x 2048
+        # a float32 copy would be 0.5 GiB more at the start of the backward, when every activation is still kept
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = grad_hidden * grad_loss if grad_hidden is not None else None
-        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        grad_weight = grad_weight * grad_loss if grad_weight is not None else None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

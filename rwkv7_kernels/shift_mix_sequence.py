@@ -1,7 +1,8 @@
 """The token shift and its lerps over whole sequences, forward and backward (training; prefill with the block's
 modules): the inputs of the time mix (six lerps) and of the channel mix (one). The backward reads only x: the lerps'
-inputs are recomputed, not stored. shift_mix_linear also runs the linear layers that read the lerps (training with
-the block's own projections): its backward recomputes the lerps themselves, so nothing but x is kept.
+inputs are recomputed, not stored. norm_shift_mix_linear also runs the LayerNorm before the shift and the linear
+layers that read the lerps (training with the block's own projections): its backward recomputes the normalised x
+and the lerps, so nothing but the block's input is kept.
 
 Math: ops_reference.shift_mix_reference without a padding mask:
     x_prev_t = x_{t-1}, with x_{-1} = prev (a row's first token) or 0 (a packed sequence's first token)
@@ -9,8 +10,9 @@ Math: ops_reference.shift_mix_reference without a padding mask:
 Backward:
     dx_t = sum_m dmixed[m, t] (1 - mixes[m]) + sum_m dmixed[m, t + 1] mixes[m]   (t + 1 in the same sequence)
     dmixes[m] = sum_t dmixed[m, t] (x_prev_t - x_t);   dprev = sum_m dmixed[m, 0] mixes[m]
-The new prev (x of a row's last token) is sliced from x outside, under autograd. With linear layers, out = mixed[m]
-W^T for each weight W reading mix m: dW = dout^T mixed[m] and dmixed[m] = sum over its weights of dout W.
+The new prev (x of a row's last token) is sliced from x outside, under autograd. With LayerNorm and linear layers:
+x = LayerNorm(x_in) and out = mixed[m] W^T for each weight W reading mix m: dW = dout^T mixed[m], dmixed[m] = sum
+over its weights of dout W, and LayerNorm's backward of dx (plus the new prev's gradient at each row's last token).
 
 Shapes, layouts, dtypes:
     x          : [B * T, C] rows, contiguous, the model dtype
@@ -24,6 +26,7 @@ channels, so a program needs no whole row.
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -151,25 +154,33 @@ class _ShiftMixSequence(torch.autograd.Function):
         return (dx.view(B, T, C), dprev, None, *dmixes)
 
 
-class _ShiftMixLinear(torch.autograd.Function):
-    """The lerps and the linear layers reading them; the backward recomputes the lerps from x."""
+class _NormShiftMixLinear(torch.autograd.Function):
+    """LayerNorm, the lerps and the linear layers reading them; the backward recomputes the normalised x and the
+    lerps from the block's input."""
 
     @staticmethod
-    def forward(ctx, x, prev, starts, reads, dtype, *mixes_and_weights):
+    def forward(ctx, x, norm_weight, norm_bias, eps, prev, starts, reads, dtype, *mixes_and_weights):
         B, T, C = x.shape
         rows = x.reshape(B * T, C).contiguous()
+        normed = F.layer_norm(rows, (C,), norm_weight, norm_bias, eps)  # in the dtype nn.LayerNorm's would be
         mixes, weights = mixes_and_weights[:-len(reads)], mixes_and_weights[-len(reads):]
-        mixed = _shift_mix(rows, prev, starts, T, mixes, dtype)
-        ctx.save_for_backward(rows, prev, starts, *mixes_and_weights)
-        ctx.shape, ctx.reads, ctx.dtype = (B, T, C), reads, dtype
-        return tuple((mixed[m] @ w.to(dtype).T).view(B, T, -1) for m, w in zip(reads, weights))
+        mixed = _shift_mix(normed, prev, starts, T, mixes, dtype)
+        ctx.save_for_backward(rows, norm_weight, norm_bias, prev, starts, *mixes_and_weights)
+        ctx.shape, ctx.eps, ctx.reads, ctx.dtype, ctx.norm_dtype = (B, T, C), eps, reads, dtype, normed.dtype
+        outs = tuple((mixed[m] @ w.to(dtype).T).view(B, T, -1) for m, w in zip(reads, weights))
+        return (*outs, normed.view(B, T, C)[:, -1].clone())
 
     @staticmethod
     def backward(ctx, *d_outs):
-        x, prev, starts, *mixes_and_weights = ctx.saved_tensors
+        x, norm_weight, norm_bias, prev, starts, *mixes_and_weights = ctx.saved_tensors
         (B, T, C), reads, dtype = ctx.shape, ctx.reads, ctx.dtype
+        *d_outs, d_last = d_outs
         mixes, weights = mixes_and_weights[:-len(reads)], mixes_and_weights[-len(reads):]
-        mixed = _shift_mix(x, prev, starts, T, mixes, dtype)
+        # the forward's LayerNorm again, in its dtype (autocast's float32 there), with its mean and 1 / std
+        x_n, w_n, b_n = (None if t is None else t.to(ctx.norm_dtype) for t in (x, norm_weight, norm_bias))
+        with torch.autocast(x.device.type, enabled=False):
+            normed, mean, rstd = torch.native_layer_norm(x_n, (C,), w_n, b_n, ctx.eps)
+        mixed = _shift_mix(normed, prev, starts, T, mixes, dtype)
         d_mixed = [None] * len(mixes)
         d_weights = []
         weight_grads = ctx.needs_input_grad[-len(reads):]
@@ -179,8 +190,16 @@ class _ShiftMixLinear(torch.autograd.Function):
             d = d_out @ w.to(dtype)
             d_mixed[m] = d if d_mixed[m] is None else d_mixed[m].add_(d)
         del mixed
-        dx, dprev, dmixes = _shift_mix_backward(x, prev, starts, T, mixes, d_mixed, ctx.needs_input_grad[1])
-        return (dx.view(B, T, C), dprev, None, None, None, *dmixes, *d_weights)
+        d_normed, dprev, dmixes = _shift_mix_backward(normed, prev, starts, T, mixes, d_mixed,
+                                                      ctx.needs_input_grad[4])
+        if d_last is not None:
+            d_normed.view(B, T, C)[:, -1] += d_last
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(d_normed, x_n, (C,), mean, rstd, w_n, b_n, needs)
+        dx = dx.to(x.dtype).view(B, T, C) if dx is not None else None
+        dw = dw.to(norm_weight.dtype) if dw is not None else None
+        db = db.to(norm_bias.dtype) if db is not None else None
+        return (dx, dw, db, None, dprev, None, None, None, *dmixes, *d_weights)
 
 
 def _packed_starts(cu_seqlens, rows, device):
@@ -210,19 +229,23 @@ def shift_mix_sequence(x, prev, mixes, attention_mask=None, in_place=False, cu_s
     return list(mixed), x[:, -1].clone()
 
 
-def shift_mix_linear(x, prev, mixes, weights, attention_mask=None, in_place=False, cu_seqlens=None):
-    """The token shift and lerps of whole sequences and the linear layers (no bias) that read them, differentiable:
-    the backward recomputes the lerps from x, so only x is kept for it, not the M lerps.
+def norm_shift_mix_linear(x, weight, bias, eps, prev, mixes, weights, attention_mask=None, in_place=False,
+                          cu_seqlens=None):
+    """LayerNorm (weight, bias, eps), the token shift and lerps of whole sequences, and the linear layers (no bias)
+    that read the lerps, differentiable: the backward recomputes the normalised x and the lerps, so only x is kept for
+    it, not the LayerNorm's output and the M lerps.
 
-    x, prev, mixes, cu_seqlens: as shift_mix_sequence. weights: for each mix, the weights [N_i, C] of the linear
-    layers that read its lerp. Returns (mixed[m] W^T [B, T, N_i] for each weight W of each mix, in order; the new
-    prev). Under autocast the lerps and products are in the autocast dtype, as an nn.Linear's would be.
+    x [B, T, C]: the block's input; prev, mixes, cu_seqlens: as shift_mix_sequence. weights: for each mix, the
+    weights [N_i, C] of the linear layers that read its lerp. Returns (mixed[m] W^T [B, T, N_i] for each weight W of
+    each mix, in order; the new prev, the normalised x of each row's last token). Under autocast the LayerNorm
+    computes as nn.LayerNorm's and the lerps and products in the autocast dtype, as an nn.Linear's would.
     """
     _check(x, mixes, attention_mask, in_place)
     B, T, _ = x.shape
     dtype = linear_dtype(x)
     reads = tuple(m for m, read in enumerate(weights) for _ in read)
+    starts = _packed_starts(cu_seqlens, B * T, x.device)
     with launch_device(x):
-        outs = _ShiftMixLinear.apply(x, prev.contiguous(), _packed_starts(cu_seqlens, B * T, x.device), reads, dtype,
-                                     *(m.contiguous() for m in mixes), *(w for read in weights for w in read))
-    return list(outs), x[:, -1].clone()
+        *outs, last = _NormShiftMixLinear.apply(x, weight, bias, eps, prev.contiguous(), starts, reads, dtype,
+                                                *(m.contiguous() for m in mixes), *(w for read in weights for w in read))
+    return outs, last

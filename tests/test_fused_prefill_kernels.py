@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import KERNEL_TEST_DEVICE as DEVICE  # conftest set TRITON_INTERPRET for the CPU
 from helpers import relative_rms_error as rel
 from helpers import tiny_model
@@ -19,7 +20,7 @@ from modeling_rwkv7 import ForwardPath, choose_path
 from rwkv7_kernels import TimeMixParams
 from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused
 from rwkv7_kernels.ops_reference import norm_shift_mix_reference, shift_mix_reference, time_mix_reference
-from rwkv7_kernels.shift_mix_sequence import shift_mix_linear, shift_mix_sequence
+from rwkv7_kernels.shift_mix_sequence import norm_shift_mix_linear, shift_mix_sequence
 from rwkv7_kernels.time_mix_sequence import time_mix_sequence
 
 pytestmark = pytest.mark.kernels
@@ -199,57 +200,69 @@ def test_shift_mix_sequence_gradients_match_reference(dtype, mixes, packed):
         shift_mix_sequence(x.to(DEVICE), prev.to(DEVICE), mix, attention_mask=torch.ones(B, T))
 
 
-def shift_mix_linear_reference(x, prev, mixes, weights, cu_seqlens=None):
-    """shift_mix_linear's math in PyTorch: the lerps, then each mix's linear layers."""
-    mixed, last = shift_mix_reference(x, prev, mixes, cu_seqlens=cu_seqlens)
+def norm_shift_mix_linear_reference(x, weight, bias, eps, prev, mixes, weights, cu_seqlens=None):
+    """norm_shift_mix_linear's math in PyTorch: LayerNorm, the lerps, then each mix's linear layers."""
+    mixed, last = shift_mix_reference(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), prev, mixes,
+                                      cu_seqlens=cu_seqlens)
     return [m @ w.T for m, read in zip(mixed, weights) for w in read], last
+
+
+def layer_norm_parameters(C, g, bias=True):
+    """A LayerNorm's weight and bias away from their initial ones and zeros, so that their gradients matter."""
+    return 1 + 0.2 * torch.randn(C, generator=g), (0.2 * torch.randn(C, generator=g) if bias else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-def test_shift_mix_linear_gradients_match_reference(dtype, packed):
-    """The token shift and lerps with the linear layers reading them, as the time mix reads them (one mix read
-    twice, as v is by v_proj and v_lora's down-projection), forward and backward against float64: x, prev, every mix
-    and every weight, with the lerps recomputed in the backward."""
+@pytest.mark.parametrize("norm_bias", [True, False], ids=["bias", "no_bias"])
+def test_norm_shift_mix_linear_gradients_match_reference(dtype, packed, norm_bias):
+    """LayerNorm, the token shift and lerps with the linear layers reading them, as the time mix reads them (one mix
+    read twice, as v is by v_proj and v_lora's down-projection), forward and backward against float64: x, prev, the
+    LayerNorm's weight and bias, every mix and every weight, with the normalised x and the lerps recomputed in the
+    backward; the new prev (the last token's normalised x) gets a gradient too."""
     B, T, C = (1 if packed else 2, 37, 64) if DEVICE == "cpu" else (1 if packed else 3, 300, 1024)
     g = torch.Generator().manual_seed(7)
-    x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    x, prev = 2 + 3 * torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    norm = layer_norm_parameters(C, g, norm_bias)
     mix = [torch.rand(1, 1, C, generator=g) for _ in range(6)]
     sizes = [[C], [16], [C], [C, 8], [16], [24]]  # r; w's LoRA; k; v and v's LoRA; a's LoRA; g's LoRA
     weights = [[torch.randn(n, C, generator=g) / C**0.5 for n in read] for read in sizes]
     cu_seqlens = torch.tensor(PACKED, dtype=torch.int32, device=DEVICE) if packed else None
 
     def run(fn, dt):
-        xs = leaves([x, prev, *mix], dt)
+        xs = leaves([x, prev, *norm, *mix], dt)
         ws = [leaves(read, dt) for read in weights]
-        outs, last = fn(xs[0], xs[1], xs[2:], ws, cu_seqlens=cu_seqlens)
+        outs, last = fn(xs[0], xs[2], xs[3], 1e-5, xs[1], xs[4:], ws, cu_seqlens=cu_seqlens)
         leaves_ = xs + [w for read in ws for w in read]
         return [*outs, last], gradients([*outs, last], leaves_, seed=3)
 
-    ref_out, ref_grads = run(shift_mix_linear_reference, torch.float64)
-    out, grads = run(shift_mix_linear, dtype)
+    ref_out, ref_grads = run(norm_shift_mix_linear_reference, torch.float64)
+    out, grads = run(norm_shift_mix_linear, dtype)
     assert [o.shape for o in out] == [o.shape for o in ref_out]
+    assert len(grads) == len(ref_grads) == 2 + norm_bias + 1 + 6 + 7
     check_shift_mix(out, ref_out, grads, ref_grads, dtype, packed)
 
 
-def test_shift_mix_linear_under_autocast_computes_as_nn_linear():
+def test_norm_shift_mix_linear_under_autocast_computes_as_nn_modules():
     """Under autocast (float32 weights and input, bf16 products, as transformers' Trainer with bf16=True runs), the
-    outputs are bf16 as an nn.Linear's, and the float32 gradients those of the lerps and nn.Linear under autocast."""
+    outputs are bf16 as an nn.Linear's, and the float32 gradients those of nn.LayerNorm, the lerps and nn.Linear
+    under autocast."""
     B, T, C = 2, 20, 64
     g = torch.Generator().manual_seed(8)
     x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    norm = layer_norm_parameters(C, g)
     mix = [torch.rand(1, 1, C, generator=g) for _ in range(2)]
     weights = [[torch.randn(C, C, generator=g) / C**0.5], [torch.randn(32, C, generator=g) / C**0.5]]
 
     def run(fn):
-        xs = leaves([x, prev, *mix], torch.float32)
+        xs = leaves([x, prev, *norm, *mix], torch.float32)
         ws = [leaves(read, torch.float32) for read in weights]
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            outs, _ = fn(xs[0], xs[1], xs[2:], ws)
+            outs, _ = fn(xs[0], xs[2], xs[3], 1e-5, xs[1], xs[4:], ws)
         assert all(o.dtype == torch.bfloat16 for o in outs)
         return gradients(outs, xs + [w for read in ws for w in read], seed=4)
 
-    ref_grads, grads = run(shift_mix_linear_reference), run(shift_mix_linear)
+    ref_grads, grads = run(norm_shift_mix_linear_reference), run(norm_shift_mix_linear)
     for grad, ref in zip(grads, ref_grads):
         assert grad.dtype == torch.float32
         assert rel(grad, ref) <= GRAD_BOUNDS[torch.bfloat16], rel(grad, ref)
