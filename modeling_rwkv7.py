@@ -26,7 +26,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -445,6 +445,34 @@ def _project_fused(x, norm, prev, mixes, readers, **shift_kwargs):
                                                             **shift_kwargs)
 
 
+def _time_mix_after_loras(time_mix, r, w, k, v, a, v_gate, v_first, g, loras, params, **kwargs):
+    """`time_mix` (ops_reference.time_mix_reference's arguments) of the LoRAs' outputs, given their down-projections'
+    (w, a, v_gate, g; v_gate None in layer 0): the LoRAs run as modules, their outputs kept for the backward."""
+    w_lora, a_lora, v_lora, g_lora = loras
+    v_gate = None if v_gate is None else v_lora.from_down(v_gate)
+    return time_mix(r, w_lora.from_down(w), k, v, a_lora.from_down(a), v_gate, v_first, g_lora.from_down(g), params,
+                    **kwargs)
+
+
+@cache
+def _after_loras(time_mix):
+    """_time_mix_after_loras of `time_mix`, one object for each (the contexts of a path hold equal ops)."""
+    return partial(_time_mix_after_loras, time_mix)
+
+
+def _time_mix_recomputing_loras(r, w, k, v, a, v_gate, v_first, g, loras, params, **kwargs):
+    """_time_mix_after_loras with time_mix_sequence, whose backward recomputes the LoRAs' outputs from their
+    up-projections' inputs (of the LoRAs' rank) instead of keeping them."""
+    outputs, recompute = [], []
+    for lora, hidden in zip(loras, (w, a, v_gate, g)):
+        x = None if hidden is None else lora.up_input(hidden)
+        outputs.append(None if x is None else lora.up(x))
+        recompute.append(None if x is None else kernels.time_mix_sequence.LinearInput(x, lora.up.weight, lora.up.bias))
+    w, a, v_gate, g = outputs
+    return kernels.time_mix_sequence.time_mix_sequence(r, w, k, v, a, v_gate, v_first, g, params, recompute=recompute,
+                                                       **kwargs)
+
+
 def _relu_square_value_module(k, value):
     return value(torch.relu(k).square())
 
@@ -462,7 +490,10 @@ class BlockOps(NamedTuple):
     # (ops_reference.shift_mix_reference), then the modules (no-bias linear layers) reading each lerp; readers[m]
     # are those of mixes[m]
     project: Callable
-    time_mix: Callable  # ops_reference.time_mix_reference
+    # (r, w, k, v, a, v_gate, v_first, g, loras, params, state=, attention_mask=, in_place=, cu_seqlens=):
+    # ops_reference.time_mix_reference of the LoRAs' outputs, given their down-projections' w, a, v_gate, g and the
+    # LoRAs (RWKV7TimeMix.loras; v_gate and its LoRA None in layer 0)
+    time_mix: Callable
     relu_square_value: Callable  # (k, value) -> value(relu(k)^2)
 
 
@@ -480,17 +511,20 @@ class ForwardContext:
         # the implementations of the block's ops on the paths that run the block's math in modules
         reference = kernels.ops_reference
         if self.path is ForwardPath.SEQUENCE_TRITON_TRAINING:
-            # read the weights: the backward recomputes the LayerNorms' outputs, the lerps and relu(k)^2 instead of
-            # keeping them
-            self.ops = BlockOps(_project_fused, kernels.time_mix_sequence.time_mix_sequence, _relu_square_value_fused)
+            # read the weights: the backward recomputes the LayerNorms' outputs, the lerps, the LoRAs' outputs and
+            # relu(k)^2 instead of keeping them
+            self.ops = BlockOps(_project_fused, _time_mix_recomputing_loras, _relu_square_value_fused)
         elif self.path is ForwardPath.SEQUENCE_TRITON_MODULES:
             # the shift kernel takes rows without gaps: rows with padding shift in the reference
             project = _project_kernel if self.attention_mask is None else _project_reference
-            self.ops = BlockOps(project, kernels.time_mix_sequence.time_mix_sequence, _relu_square_value_module)
+            self.ops = BlockOps(project, _after_loras(kernels.time_mix_sequence.time_mix_sequence),
+                                _relu_square_value_module)
         elif self.path is ForwardPath.DECODE_PYTORCH:
-            self.ops = BlockOps(_project_reference, kernels.torch_decode.time_mix_step, _relu_square_value_module)
+            self.ops = BlockOps(_project_reference, _after_loras(kernels.torch_decode.time_mix_step),
+                                _relu_square_value_module)
         else:
-            self.ops = BlockOps(_project_reference, reference.time_mix_reference, _relu_square_value_module)
+            self.ops = BlockOps(_project_reference, _after_loras(reference.time_mix_reference),
+                                _relu_square_value_module)
         # the training loss's cross entropy of a chunk of logits (rwkv7_kernels/linear_cross_entropy.py)
         kernels_run = self.path in (ForwardPath.SEQUENCE_TRITON, ForwardPath.SEQUENCE_TRITON_TRAINING,
                                     ForwardPath.SEQUENCE_TRITON_MODULES)
@@ -606,9 +640,13 @@ class LoRA(nn.Module):
     def forward(self, x):
         return self.lora(x)
 
+    def up_input(self, hidden):
+        """activation(hidden): the up-projection's input, given the down-projection's output x A."""
+        return self.lora[1](hidden)
+
     def from_down(self, hidden):
         """activation(hidden) B (+ bias): the rest of the LoRA, given its down-projection's output x A."""
-        return self.lora[2](self.lora[1](hidden))
+        return self.up(self.up_input(hidden))
 
 
 class RWKV7TimeMix(nn.Module):
@@ -640,6 +678,10 @@ class RWKV7TimeMix(nn.Module):
         """The token-shift lerps' weights, for r, w, k, v, a, g."""
         return self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g
 
+    def loras(self):
+        """The LoRAs after the lerps: w's, a's, v's gate (None in layer 0), g's."""
+        return self.w_lora, self.a_lora, self.v_lora if self.layer_idx > 0 else None, self.g_lora
+
     def params(self):
         return kernels.TimeMixParams(
             self.k_k, self.k_a, self.r_k, self.g_norm.weight, self.g_norm.bias, self.g_norm.eps
@@ -658,11 +700,10 @@ class RWKV7TimeMix(nn.Module):
             x, norm, state.attn_shift, self.mixes(), readers, attention_mask=ctx.attention_mask,
             in_place=ctx.in_place, cu_seqlens=ctx.cu_seqlens,
         )
-        v_gate = self.v_lora.from_down(*v_gate) if v_gate else None
+        # the LoRAs' up-projections, then the time mix: w_raw = tanh(x_w A_w) B_w + w0, a_raw, v's gate, g
         y, v_first, wkv = ctx.ops.time_mix(
-            r, self.w_lora.from_down(w), k, v, self.a_lora.from_down(a), v_gate, v_first, self.g_lora.from_down(g),
-            self.params(), state=state.wkv, attention_mask=ctx.attention_mask, in_place=ctx.in_place,
-            cu_seqlens=ctx.cu_seqlens,
+            r, w, k, v, a, v_gate[0] if v_gate else None, v_first, g, self.loras(), self.params(), state=state.wkv,
+            attention_mask=ctx.attention_mask, in_place=ctx.in_place, cu_seqlens=ctx.cu_seqlens,
         )
         return self.o_proj(y), v_first, state._replace(wkv=wkv, attn_shift=attn_shift)
 

@@ -2,7 +2,9 @@
 training): an elementwise kernel before the chunked WKV-7 (wkv7_chunk.py), one after it, and one for the backward of
 each. The backward recomputes the elementwise values from the inputs instead of storing them, and the chunked
 kernel's parallel pass: what the time mix keeps for the backward is its bf16 inputs, WKV-7's output and the chunks'
-start states.
+start states. Inputs that are the output of a linear layer of small input, the LoRAs' up-projections (w_raw, a_raw,
+v_gate_raw, g), may come with that layer (LinearInput): the backward then recomputes them from the layer's input,
+which the layer's own backward keeps anyway, instead of keeping a [B * T, C] tensor.
 
 Math: ops_reference.time_mix_reference:
     before  w = -exp(-0.5) sigmoid(w_raw) (float32), kk = normalize_per_head(k * k_k), a = sigmoid(a_raw),
@@ -30,7 +32,10 @@ Computed in float32. One program per (block of BLOCK_T rows, head): the per-head
 channels together.
 """
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -194,12 +199,39 @@ def _before_wkv(w_raw, k, v, a_raw, vg, vf, k_k, k_a, mask, H):
     return w, k_new, v_new, a_wkv, b_wkv
 
 
+class LinearInput(NamedTuple):
+    """An input of the time mix given as F.linear(x, weight, bias): a LoRA's up-projection, x its activation [B, T,
+    rank]. The backward recomputes the input from them instead of keeping it."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _keep(inputs, recompute):
+    """What the backward keeps of each of `inputs`: (the input, None, None), or (x, weight, bias) to recompute it."""
+    return [t for input, linear in zip(inputs, recompute) for t in ((input, None, None) if linear is None else linear)]
+
+
+def _kept(tensors, dtypes, recompute, rows):
+    """The inputs from what _keep kept: recomputed (as the forward computed them: in their dtype, autocast's where the
+    forward ran under it) or as they were."""
+    inputs = []
+    for i, (dtype, recomputed) in enumerate(zip(dtypes, recompute)):
+        x, weight, bias = tensors[3 * i:3 * i + 3]
+        if recomputed:
+            x = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).reshape(rows, -1)
+        inputs.append(x)
+    return inputs
+
+
 class _TimeMixSequence(torch.autograd.Function):
     """The time mix on [B, T, C] inputs, run on [B * T, C] rows (reshaped here, out of autograd's sight: fewer
     autograd nodes, less time on the CPU); H gives the heads' layout for WKV-7."""
 
     @staticmethod
-    def forward(ctx, r, w_raw, k, v, a_raw, vg, vf, g, k_k, k_a, r_k, gn_w, gn_b, gn_eps, state, mask, cu_seqlens, H):
+    def forward(ctx, r, w_raw, k, v, a_raw, vg, vf, g, k_k, k_a, r_k, gn_w, gn_b, gn_eps, state, mask, cu_seqlens, H,
+                recompute):
         B, T, C = r.shape
         N = C // H
         rows = lambda t: None if t is None else t.reshape(B * T, C).contiguous()  # noqa: E731
@@ -217,16 +249,22 @@ class _TimeMixSequence(torch.autograd.Function):
             o, r, k_new, v_new, g, r_k, gn_w, gn_b, y, gn_eps, B * T, C=H * N, N=N, BLOCK_T=BLOCK_T, num_warps=4,
         )
         if needs_grad:
-            ctx.save_for_backward(r, w_raw, k, v, a_raw, vg, vf, g, o, k_k, k_a, r_k, gn_w, gn_b, mask, *saved)
+            lora_outputs = (w_raw, a_raw, vg, g)
+            ctx.save_for_backward(r, k, v, vf, o, k_k, k_a, r_k, gn_w, gn_b, mask, *_keep(lora_outputs, recompute),
+                                  *saved)
             ctx.gn_eps, ctx.shape, ctx.has_state = gn_eps, (B, T, H, N), state is not None
+            ctx.recompute = tuple(linear is not None for linear in recompute)
+            ctx.lora_dtypes = tuple(None if t is None else t.dtype for t in lora_outputs)
             ctx.set_materialize_grads(False)
         return y.view(B, T, C), final_state
 
     @staticmethod
     def backward(ctx, dy, d_final_state):
-        r, w_raw, k, v, a_raw, vg, vf, g, o, k_k, k_a, r_k, gn_w, gn_b, mask, *saved = ctx.saved_tensors
+        r, k, v, vf, o, k_k, k_a, r_k, gn_w, gn_b, mask, *saved = ctx.saved_tensors
         B, T, H, N = ctx.shape
         rows, C = r.shape
+        w_raw, a_raw, vg, g = _kept(saved[:12], ctx.lora_dtypes, ctx.recompute, rows)
+        saved = saved[12:]
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         dy = torch.zeros_like(r) if dy is None else dy.reshape(rows, C).contiguous()
         w, k_new, v_new, a_wkv, b_wkv = _before_wkv(w_raw, k, v, a_raw, vg, vf, k_k, k_a, mask, H)  # recomputed
@@ -256,23 +294,26 @@ class _TimeMixSequence(torch.autograd.Function):
         sums = [d.to(p.dtype).view_as(p) for d, p in ((dk_k, k_k), (dk_a, k_a), (dr_k, r_k), (dgn_w, gn_w),
                                                       (dgn_b, gn_b))]
         grads = [None if d is None else d.view(B, T, C) for d in (dr, dw_raw, dk, dv, da_raw, dvg, dvf, dg)]
-        return (*grads, *sums, None, d_state, None, None, None)
+        return (*grads, *sums, None, d_state, None, None, None, None)
 
 
 def time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, state=None, attention_mask=None,
-                      in_place=False, cu_seqlens=None):
+                      in_place=False, cu_seqlens=None, recompute=(None, None, None, None)):
     """The time mix of whole sequences, differentiable. Arguments and results: those of
     ops_reference.time_mix_reference (r ... g [B, T, C]; params: TimeMixParams; state [B, H, N, N] float32 or None;
     attention_mask [B, T] or None; cu_seqlens [N + 1] with B = 1 or None); in_place must be False (decoding runs
-    decode_step.py)."""
+    decode_step.py). recompute: for w_raw, a_raw, v_gate_raw and g, None or the LinearInput that gave it, which the
+    backward recomputes it from."""
     if in_place:
         raise ValueError("time_mix_sequence returns a new state; decoding steps update theirs in decode_step.py")
+    if len(recompute) != 4 or (v_gate_raw is None and recompute[2] is not None):
+        raise ValueError("recompute takes one LinearInput or None for each of w_raw, a_raw, v_gate_raw and g")
     first_layer = v_first is None
     if state is not None:
         state = state.contiguous().float()
     with launch_device(r):
         y, final_state = _TimeMixSequence.apply(
             r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params.k_k, params.k_a, params.r_k, params.gn_weight,
-            params.gn_bias, params.gn_eps, state, attention_mask, cu_seqlens, params.r_k.shape[0],
+            params.gn_bias, params.gn_eps, state, attention_mask, cu_seqlens, params.r_k.shape[0], tuple(recompute),
         )
     return y, v if first_layer else v_first, final_state

@@ -21,7 +21,7 @@ from rwkv7_kernels import TimeMixParams
 from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused
 from rwkv7_kernels.ops_reference import norm_shift_mix_reference, shift_mix_reference, time_mix_reference
 from rwkv7_kernels.shift_mix_sequence import norm_shift_mix_linear, shift_mix_sequence
-from rwkv7_kernels.time_mix_sequence import time_mix_sequence
+from rwkv7_kernels.time_mix_sequence import LinearInput, time_mix_sequence
 
 pytestmark = pytest.mark.kernels
 DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in (torch.float32, torch.bfloat16)]
@@ -164,6 +164,53 @@ def test_time_mix_sequence_gradients_match_reference(dtype, first_layer, mode):
     assert all(e <= bound for e, bound in zip(errors(y, grads), bounds)), (errors(y, grads), bounds)
     for grad, ref in zip(grads, ref_grads):
         assert grad.shape == ref.shape
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast_bf16"])
+@pytest.mark.parametrize("first_layer", [True, False], ids=["layer0", "layer1+"])
+def test_time_mix_sequence_recomputing_the_lora_outputs_changes_nothing(autocast, first_layer):
+    """w_raw, a_raw, v_gate_raw and g given with the up-projections that made them (LinearInput): the backward
+    recomputes them instead of keeping them, and every output and gradient (the up-projections' x, weight and bias
+    included) is bitwise the same as when they are kept; under autocast (float32 weights, bf16 products) too. The
+    recomputed inputs are no longer kept."""
+    B, T, H, rank = (2, 37, 2, 16) if DEVICE == "cpu" else (2, 300, 4, 64)
+    C, N = H * 64, 64
+    g = torch.Generator().manual_seed(5)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    r, k, v, v_first = (torch.randn(B, T, C, generator=g) for _ in range(4))
+    ups = [(torch.randn(B, T, rank, generator=g), torch.randn(C, rank, generator=g) / rank**0.5,
+            torch.randn(C, generator=g) if bias else None) for bias in (True, True, True, False)]  # w, a, v gate, g
+    if first_layer:
+        ups[2], v_first = None, None
+    params = [torch.randn(C, generator=g) * 0.1 + 0.85, torch.randn(C, generator=g) * 0.1 + 1,
+              torch.randn(H, N, generator=g) * 0.1, torch.randn(C, generator=g) * 0.1 + 1,
+              torch.randn(C, generator=g) * 0.1]
+
+    def run(recompute):
+        xs = leaves([r, k, v, v_first], dtype)
+        up_leaves = [None if up is None else leaves(up, dtype) for up in ups]
+        ps = leaves(params, dtype)
+        kept = set()
+
+        def pack(t):
+            kept.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            w_raw, a_raw, vg, gate = (None if up is None else F.linear(*up) for up in up_leaves)
+            linears = [None if up is None or not recompute else LinearInput(*up) for up in up_leaves]
+            y, _, _ = time_mix_sequence(xs[0], w_raw, xs[1], xs[2], a_raw, vg, xs[3], gate,
+                                        TimeMixParams(*ps, 64e-5), recompute=linears)
+        inputs = xs + [t for up in up_leaves if up is not None for t in up if t is not None] + ps
+        recomputable = {t.untyped_storage().data_ptr() for t in (w_raw, a_raw, vg, gate) if t is not None}
+        return y, gradients([y], inputs, seed=2), kept & recomputable
+
+    y, grads, kept = run(recompute=False)
+    y_recomputed, grads_recomputed, kept_recomputed = run(recompute=True)
+    assert torch.equal(y, y_recomputed)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_recomputed))
+    assert len(kept) == (3 if first_layer else 4) and not kept_recomputed
 
 
 def check_shift_mix(out, ref_out, grads, ref_grads, dtype, packed):

@@ -317,11 +317,12 @@ def test_device_map_auto(world):
     assert torch.equal(mapped.generate(**prompt, **kwargs), model.generate(**prompt, **kwargs))
 
 
-def test_forward_context_moves_to_a_blocks_device(world):
+def test_forward_context_moves_to_a_blocks_device():
     """Under a device_map a block may lie on another device than the model's inputs: it takes the context's
-    padding mask and sequence offsets on its own device (`world` loads the model's code)."""
-    from modeling_rwkv7 import ForwardContext, ForwardPath
+    padding mask and sequence offsets on its own device."""
+    from modeling_rwkv7 import ForwardContext, ForwardPath, load_kernels
 
+    load_kernels()
     ctx = ForwardContext(ForwardPath.SEQUENCE_PYTORCH, torch.ones(2, 5), torch.tensor([0, 2, 5]))
     assert ctx.on(torch.device("cpu")) is ctx
     moved = ctx.on(torch.device("meta"))
