@@ -210,7 +210,7 @@ class LinearInput(NamedTuple):
 
 def _keep(inputs, recompute):
     """What the backward keeps of each of `inputs`: (the input, None, None), or (x, weight, bias) to recompute it."""
-    return [t for input, linear in zip(inputs, recompute) for t in ((input, None, None) if linear is None else linear)]
+    return [t for value, linear in zip(inputs, recompute) for t in ((value, None, None) if linear is None else linear)]
 
 
 def _kept(tensors, dtypes, recompute, rows):
