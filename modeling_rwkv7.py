@@ -477,8 +477,12 @@ def _relu_square_value_module(k, value):
     return value(torch.relu(k).square())
 
 
+def _relu_square_kernel_value_module(k, value):
+    return value(kernels.relu_square.relu_square(k))
+
+
 def _relu_square_value_fused(k, value):
-    return kernels.relu_square_linear.relu_square_linear(k, value.weight)
+    return kernels.relu_square.relu_square_linear(k, value.weight)
 
 
 class BlockOps(NamedTuple):
@@ -518,7 +522,7 @@ class ForwardContext:
             # the shift kernel takes rows without gaps: rows with padding shift in the reference
             project = _project_kernel if self.attention_mask is None else _project_reference
             self.ops = BlockOps(project, _after_loras(kernels.time_mix_sequence.time_mix_sequence),
-                                _relu_square_value_module)
+                                _relu_square_kernel_value_module)
         elif self.path is ForwardPath.DECODE_PYTORCH:
             self.ops = BlockOps(_project_reference, _after_loras(kernels.torch_decode.time_mix_step),
                                 _relu_square_value_module)

@@ -49,6 +49,7 @@ from rwkv7_kernels.cross_entropy_rows import cross_entropy_rows  # noqa: E402
 from rwkv7_kernels.linear_decode import linear_row  # noqa: E402
 from rwkv7_kernels.norm_mix_linear_decode import norm_mix_linear_row  # noqa: E402
 from rwkv7_kernels.norm_shift_mix_fused import norm_shift_mix_fused  # noqa: E402
+from rwkv7_kernels.relu_square import relu_square, relu_square_linear  # noqa: E402
 from rwkv7_kernels.shift_mix_sequence import norm_shift_mix_linear, shift_mix_sequence  # noqa: E402
 from rwkv7_kernels.time_mix_sequence import time_mix_sequence  # noqa: E402
 from rwkv7_kernels.wkv7_chunk import chunk_wkv7  # noqa: E402
@@ -118,6 +119,15 @@ def norm_shift_mix_linear_autocast(B, T, C):
         outs, _ = norm_shift_mix_linear(x, randn(C, grad=True), randn(C, grad=True), 1e-5, prev, [randn(C, grad=True)],
                                         [[randn(8, C, grad=True)]])
     outs[0].float().sum().backward()
+
+
+def relu_square_training(dtype, autocast):
+    """relu_square and relu_square_linear, forward and backward; under autocast a float32 k and a bf16 relu(k)^2."""
+    k = randn(2, 70, 4096, dtype=dtype, grad=True)
+    relu_square(k).float().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = relu_square_linear(k, randn(1024, 4096, dtype=dtype, grad=True))
+    out.float().sum().backward()
 
 
 def cross_entropy(dtype, V, need_grad):
@@ -191,6 +201,8 @@ def workloads(dtype):
         ("shift/mix training", lambda: shift_mix_training(dtype, 2, 70, 1024, 6)),
         ("shift/mix training, packed", lambda: shift_mix_training(dtype, 1, 333, 2560, 1, cu_int32)),
         ("norm/shift/mix linear training, autocast", lambda: norm_shift_mix_linear_autocast(2, 70, 1024)),
+        ("relu^2 training", lambda: relu_square_training(dtype, False)),
+        ("relu^2 training, autocast", lambda: relu_square_training(torch.float32, True)),
         ("cross entropy, World vocabulary", lambda: cross_entropy(dtype, 65536, True)),
         ("cross entropy, no gradient", lambda: cross_entropy(dtype, 65536, False)),
         ("wkv7 varlen, int64 offsets", lambda: chunk_wkv7(*wkv7_inputs(1, 100, 16, dtype), randn(3, 16, 64, 64),

@@ -7,13 +7,13 @@ References (plain PyTorch; the math; what runs on CPU and under autograd without
                          (ops_reference.py)
     torch_decode         the time mix of one decoding step, tuned for the CPU (torch_decode.py)
     linear_cross_entropy the training loss from the hidden states, chunk by chunk, without the logits (PyTorch)
-    relu_square_linear   relu(k)^2 W^T, keeping only k for the backward (training; PyTorch)
 Triton kernels (importing one imports triton):
     wkv7_chunk           chunked WKV-7, forward and backward (prefill, training)
     time_mix_sequence    the time mix of whole sequences around the chunked WKV-7, forward and backward
     shift_mix_sequence   token shift and lerps of whole sequences, forward and backward (training), also with
                          the LayerNorm before and the linear layers reading them (norm_shift_mix_linear)
     cross_entropy_rows   the cross entropy of a chunk of logits and its gradient (linear_cross_entropy on CUDA)
+    relu_square          relu(k)^2, alone and before a linear layer, keeping only k for the backward (training)
     norm_shift_mix_fused token shift and lerps (optionally after a LayerNorm) of a prefill or several decoding rows
     decode_step          the fused ops of a decoding step (norm_mix_linear_decode.py, time_mix_decode.py,
                          linear_decode.py, launched with pdl.py)
@@ -33,14 +33,14 @@ import warnings
 
 import torch
 
-from . import linear_cross_entropy, ops_reference, relu_square_linear, torch_decode
+from . import linear_cross_entropy, ops_reference, torch_decode
 from .common import ACTIVATIONS, activation_code, sm_count
 from .ops_reference import TimeMixParams
 from .wkv7_reference import wkv7_reference
 
 MIN_TRITON = (3, 5)  # the decoding kernels' programmatic dependent launch (gdc_wait) compiles from triton 3.5 on
 KERNEL_HEAD_SIZE = 64  # the head size the WKV-7 kernels take
-_KERNEL_MODULES = ("wkv7_chunk", "time_mix_sequence", "shift_mix_sequence", "cross_entropy_rows",
+_KERNEL_MODULES = ("wkv7_chunk", "time_mix_sequence", "shift_mix_sequence", "cross_entropy_rows", "relu_square",
                    "norm_shift_mix_fused", "decode_step", "linear_decode", "norm_mix_linear_decode", "time_mix_decode",
                    "pdl", "triton_helpers")
 
@@ -73,5 +73,4 @@ def __getattr__(name):
 
 
 __all__ = ["ACTIVATIONS", "HAS_TRITON", "KERNEL_HEAD_SIZE", "TimeMixParams", "activation_code", "linear_cross_entropy",
-           "ops_reference", "relu_square_linear",
-           "sm_count", "torch_decode", "triton_supported", "wkv7_reference", *_KERNEL_MODULES]
+           "ops_reference", "sm_count", "torch_decode", "triton_supported", "wkv7_reference", *_KERNEL_MODULES]

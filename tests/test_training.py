@@ -10,7 +10,6 @@ from transformers import Trainer, TrainingArguments
 
 from rwkv7_kernels.linear_cross_entropy import linear_cross_entropy
 from rwkv7_kernels.ops_reference import cross_entropy_rows_reference, linear_cross_entropy_reference
-from rwkv7_kernels.relu_square_linear import relu_square_linear
 
 VOCAB = 97
 
@@ -222,30 +221,37 @@ def test_training_path_keeps_few_activations_for_the_backward():
     assert per_layer <= 14.5, per_layer
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["float64", "autocast_bf16"])
-def test_relu_square_linear_equals_relu_square_then_linear(autocast):
-    """relu(k)^2 W^T, which keeps only k for the backward, against relu, square and F.linear under autograd: in
-    float64 exactly, and under CPU autocast (float32 inputs, bf16 product) with bf16 output and float32 gradients."""
+@pytest.mark.kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"], ids=["float32", "bf16", "autocast"])
+def test_relu_square_kernels_give_the_bits_of_pytorchs_ops(dtype):
+    """relu(k)^2, alone and before a linear layer, keeping only k for the backward and running one kernel each way,
+    give the bits of relu, square and F.linear under autograd, forward and backward (both round each product once),
+    at relu's kink too; under autocast (float32 k and weight, bf16 products) as nn.Linear does."""
+    from conftest import KERNEL_TEST_DEVICE as DEVICE
+
+    from rwkv7_kernels.relu_square import relu_square, relu_square_linear
+
+    B, T, F, C = (2, 7, 64, 16) if DEVICE == "cpu" else (2, 4096, 8192, 2048)  # k [B, T, F], weight [C, F]
     g = torch.Generator().manual_seed(9)
-    k, weight = torch.randn(2, 7, 64, generator=g, dtype=torch.float64), torch.randn(16, 64, generator=g,
-                                                                                      dtype=torch.float64)
-    k[0, 0] = 0.0  # relu's kink: both sides take the gradient 0 there
-    dtype = torch.float32 if autocast else torch.float64
-    d_out = torch.randn(2, 7, 16, generator=g, dtype=dtype)
-    results = []
-    for fn in (relu_square_linear, lambda k, w: torch.nn.functional.linear(torch.relu(k).square(), w)):
-        leaves = [t.to(dtype).clone().requires_grad_() for t in (k, weight)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = fn(*leaves)
-        assert out.dtype == (torch.bfloat16 if autocast else torch.float64)
-        out.backward(d_out.to(out.dtype))
-        results.append([out] + [t.grad for t in leaves])
-    for ours, reference in zip(*results):
-        assert ours.dtype == reference.dtype
-        if autocast:
-            assert relative_rms_error(ours, reference) <= 1e-2
-        else:
-            torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    k, weight = torch.randn(B, T, F, generator=g), torch.randn(C, F, generator=g) / F**0.5
+    k[0, 0, :8] = 0.0  # relu's kink: both sides take the gradient 0 there
+    autocast = dtype == "autocast"
+    dtype = torch.float32 if autocast else dtype
+    ops = [(relu_square, lambda k: torch.relu(k).square()),
+           (relu_square_linear, lambda k, w: torch.nn.functional.linear(torch.relu(k).square(), w))]
+    for ours, pytorchs in ops:
+        inputs = (k, weight)[:2 if ours is relu_square_linear else 1]
+        results = []
+        for fn in (ours, pytorchs):
+            leaves = [t.to(DEVICE, dtype).clone().requires_grad_() for t in inputs]
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                out = fn(*leaves)
+            d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
+            out.backward(d_out)
+            results.append([out] + [t.grad for t in leaves])
+        for mine, theirs in zip(*results):
+            assert mine.dtype == theirs.dtype
+            assert torch.equal(mine, theirs), relative_rms_error(mine, theirs)
 
 
 @pytest.mark.kernels
