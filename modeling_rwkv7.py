@@ -473,11 +473,11 @@ def _time_mix_recomputing_loras(r, w, k, v, a, v_gate, v_first, g, loras, params
                                                        **kwargs)
 
 
-def _relu_square_value_module(k, value):
+def _relu_square_value_reference(k, value):
     return value(torch.relu(k).square())
 
 
-def _relu_square_kernel_value_module(k, value):
+def _relu_square_value_kernel(k, value):
     return value(kernels.relu_square.relu_square(k))
 
 
@@ -522,13 +522,13 @@ class ForwardContext:
             # the shift kernel takes rows without gaps: rows with padding shift in the reference
             project = _project_kernel if self.attention_mask is None else _project_reference
             self.ops = BlockOps(project, _after_loras(kernels.time_mix_sequence.time_mix_sequence),
-                                _relu_square_kernel_value_module)
+                                _relu_square_value_kernel)
         elif self.path is ForwardPath.DECODE_PYTORCH:
             self.ops = BlockOps(_project_reference, _after_loras(kernels.torch_decode.time_mix_step),
-                                _relu_square_value_module)
+                                _relu_square_value_reference)
         else:
             self.ops = BlockOps(_project_reference, _after_loras(reference.time_mix_reference),
-                                _relu_square_value_module)
+                                _relu_square_value_reference)
         # the training loss's cross entropy of a chunk of logits (rwkv7_kernels/linear_cross_entropy.py)
         kernels_run = self.path in (ForwardPath.SEQUENCE_TRITON, ForwardPath.SEQUENCE_TRITON_TRAINING,
                                     ForwardPath.SEQUENCE_TRITON_MODULES)
