@@ -111,6 +111,16 @@ def shift_mix_training(dtype, B, T, C, mixes, cu_seqlens=None):
     sum(m.float().sum() for m in mixed).backward()
 
 
+def norm_shift_mix_linear_training(dtype, B, T, C, bias, last_grad):
+    """norm_shift_mix_linear forward and backward, with the LayerNorm's bias or without, the new prev's gradient
+    or not."""
+    x, prev = randn(B, T, C, dtype=dtype, grad=True), randn(B, C, dtype=dtype, grad=True)
+    outs, last = norm_shift_mix_linear(x, randn(C, dtype=dtype, grad=True), randn(C, dtype=dtype, grad=True)
+                                       if bias else None, 1e-5, prev, [randn(C, dtype=dtype, grad=True)] * 2,
+                                       [[randn(C, C, dtype=dtype, grad=True)], [randn(8, C, dtype=dtype, grad=True)]])
+    (sum(o.float().sum() for o in outs) + (last.float().sum() if last_grad else 0)).backward()
+
+
 def norm_shift_mix_linear_autocast(B, T, C):
     """norm_shift_mix_linear forward and backward under autocast: float32 x, LayerNorm and mixes, lerps and products
     in bf16."""
@@ -200,6 +210,9 @@ def workloads(dtype):
         ("time mix training, packed", lambda: time_mix_training(dtype, 1, 333, 16, False, False, cu_int32)),
         ("shift/mix training", lambda: shift_mix_training(dtype, 2, 70, 1024, 6)),
         ("shift/mix training, packed", lambda: shift_mix_training(dtype, 1, 333, 2560, 1, cu_int32)),
+        ("norm/shift/mix linear training", lambda: norm_shift_mix_linear_training(dtype, 2, 70, 1024, True, False)),
+        ("norm/shift/mix linear training, no bias, prev's gradient",
+         lambda: norm_shift_mix_linear_training(dtype, 2, 70, 1024, False, True)),
         ("norm/shift/mix linear training, autocast", lambda: norm_shift_mix_linear_autocast(2, 70, 1024)),
         ("relu^2 training", lambda: relu_square_training(dtype, False)),
         ("relu^2 training, autocast", lambda: relu_square_training(torch.float32, True)),

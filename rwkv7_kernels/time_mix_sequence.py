@@ -1,10 +1,11 @@
 """The RWKV-7 time mix of whole sequences, from the LoRA outputs to o_proj's input, forward and backward (prefill and
 training): an elementwise kernel before the chunked WKV-7 (wkv7_chunk.py), one after it, and one for the backward of
-each. The backward recomputes the elementwise values from the inputs instead of storing them, and the chunked
-kernel's parallel pass: what the time mix keeps for the backward is its bf16 inputs, WKV-7's output and the chunks'
-start states. Inputs that are the output of a linear layer of small input, the LoRAs' up-projections (w_raw, a_raw,
-v_gate_raw, g), may come with that layer (LinearInput): the backward then recomputes them from the layer's input,
-which the layer's own backward keeps anyway, instead of keeping a [B * T, C] tensor.
+each. The backward recomputes the elementwise values from the inputs instead of storing them: what the time mix
+keeps for the backward is its bf16 inputs, WKV-7's output and what the chunked kernel keeps (the chunks' start
+states and its parallel pass, which would cost a launch as long as the forward's to recompute). Inputs that are
+the output of a linear layer of small input, the LoRAs' up-projections (w_raw, a_raw, v_gate_raw, g), may come with
+that layer (LinearInput): the backward then recomputes them from the layer's input, which the layer's own backward
+keeps anyway, instead of keeping a [B * T, C] tensor.
 
 Math: ops_reference.time_mix_reference:
     before  w = -exp(-0.5) sigmoid(w_raw) (float32), kk = normalize_per_head(k * k_k), a = sigmoid(a_raw),
@@ -242,7 +243,7 @@ class _TimeMixSequence(torch.autograd.Function):
         w, k_new, v_new, a_wkv, b_wkv = _before_wkv(w_raw, k, v, a_raw, vg, vf, k_k, k_a, mask, H)
         needs_grad = any(ctx.needs_input_grad)
         o, final_state, saved = _chunk_forward(*map(heads, (r, w, k_new, v_new, a_wkv, b_wkv)), state,
-                                               state is not None, cu_seqlens, needs_grad, keep_prep=False)
+                                               state is not None, cu_seqlens, needs_grad)
         o = o.view(B * T, H * N)
         y = torch.empty_like(r)
         _after_wkv_kernel[(triton.cdiv(B * T, BLOCK_T), H)](
@@ -290,9 +291,8 @@ class _TimeMixSequence(torch.autograd.Function):
             dr, dw_raw, dk, dv, da_raw, dv if first_layer else dvg, dv if first_layer else dvf, dk_k, dk_a,
             rows, int(first_layer), C=C, N=N, BLOCK_T=BLOCK_T_BWD, HAS_MASK=mask is not None, num_warps=4,
         )
-        dgn_w, dgn_b, dr_k, dk_k, dk_a = per_block.sum(1)
-        sums = [d.to(p.dtype).view_as(p) for d, p in ((dk_k, k_k), (dk_a, k_a), (dr_k, r_k), (dgn_w, gn_w),
-                                                      (dgn_b, gn_b))]
+        dgn_w, dgn_b, dr_k, dk_k, dk_a = per_block.sum(1).to(k_k.dtype)  # the parameters share a dtype
+        sums = [d.view_as(p) for d, p in ((dk_k, k_k), (dk_a, k_a), (dr_k, r_k), (dgn_w, gn_w), (dgn_b, gn_b))]
         grads = [None if d is None else d.view(B, T, C) for d in (dr, dw_raw, dk, dv, da_raw, dvg, dvf, dg)]
         return (*grads, *sums, None, d_state, None, None, None, None)
 

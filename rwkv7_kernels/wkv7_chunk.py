@@ -398,15 +398,14 @@ def _prepare(r, w, k, v, a, b, cu_seqlens, chunks, slots, store_ti):
     return Ti, Qr, Ov, M, C, egC
 
 
-def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, needs_grad, keep_prep=True):
+def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqlens, needs_grad):
     """The forward's two launches. Returns (o, final state or None, what the backward needs besides the inputs, or
-    None). keep_prep: what the backward needs includes the parallel pass's Ti, Qr and M (4 [C] vectors of 16 bits a
-    token for 16-bit inputs); without, the backward runs the parallel pass again (one launch) for them."""
+    None): the parallel pass's Ti, Qr and M (4 [C] vectors of 16 bits a token for 16-bit inputs) among it."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     slots, chunks, coff = _chunk_table(cu_seqlens, B, T)
-    Ti, Qr, Ov, M, C, egC = _prepare(r, w, k, v, a, b, cu_seqlens, chunks, slots, needs_grad and keep_prep)
+    Ti, Qr, Ov, M, C, egC = _prepare(r, w, k, v, a, b, cu_seqlens, chunks, slots, needs_grad)
     hs = torch.empty(slots, H, K, V, dtype=_stored_dtype(r), device=r.device) if needs_grad else None
     o = torch.empty_like(v, dtype=r.dtype)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=r.device) if output_final_state else None
@@ -418,12 +417,11 @@ def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqle
     )
     if not needs_grad:
         return o, ht, None
-    prep = (Ti, Qr, M) if keep_prep else (None, None, None)
-    return o, ht, (*prep, egC, hs, cu_seqlens, chunks, coff)
+    return o, ht, (Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff)
 
 
 def _chunk_backward(inputs, saved, do, dht, has_h0):
-    """The backward's three launches (four without the kept parallel pass), from the forward's inputs (r, w, k, v,
+    """The backward's three launches, from the forward's inputs (r, w, k, v,
     a, b) and what it saved for the backward (_chunk_forward's third result without the inputs). Returns (dr, dw,
     dk, dv, da, db, dh0 or None)."""
     r, w, k, v, a, b = inputs
@@ -432,8 +430,6 @@ def _chunk_backward(inputs, saved, do, dht, has_h0):
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     slots = hs.shape[0]
-    if Ti is None:  # the forward kept no parallel pass (keep_prep=False): run it again
-        Ti, Qr, _, M, _, egC = _prepare(r, w, k, v, a, b, cu_seqlens, chunks, slots, store_ti=True)
     do = do.contiguous()
     dr, dw, dk, dv, da, db = (torch.empty_like(x) for x in inputs)
     dh0 = r.new_empty(N, H, K, V, dtype=torch.float32) if has_h0 else None

@@ -191,11 +191,12 @@ def test_peft_lora_training_runs_the_kernels_and_equals_pytorch(monkeypatch):
 def test_training_path_keeps_few_activations_for_the_backward():
     """What a layer of a bf16 training forward through the kernels keeps for the backward (autograd's saved tensors,
     each storage once, weights aside), per token in units of one [C] bf16 vector: each LayerNorm with its token shift
-    and projections keeps only the block's input, relu^2 with the value projection only k, the time mix its bf16
-    inputs but the LoRAs' outputs, WKV-7's output and the chunks' start states, nothing recomputable. Measured 13.7
-    on this model; 17.7 with the LoRAs' outputs kept, 19.7 with also the LayerNorms' outputs, 34.7 with also the
-    lerps, relu(k)^2 and WKV-7's parallel pass (the block's modules around the same kernels), 47.7 with PyTorch ops
-    around the WKV-7 kernel."""
+    and projections keeps only the block's input (and the LayerNorm's mean and 1 / std), relu^2 with the value
+    projection only k, the time mix its bf16 inputs but the LoRAs' outputs, WKV-7's output, the chunks' start states
+    and WKV-7's parallel pass (4: recomputing it costs a launch as long as its forward), nothing cheaper to recompute.
+    Measured 17.7 on this model (13.7 with the parallel pass recomputed); 21.7 with the LoRAs' outputs kept, 23.7
+    with also the LayerNorms' outputs, 34.7 with also the lerps and relu(k)^2 (the block's modules around the same
+    kernels), 47.7 with PyTorch ops around the WKV-7 kernel."""
     from conftest import KERNEL_TEST_DEVICE as DEVICE
 
     B, T, C = 2, 64, 128
@@ -218,7 +219,7 @@ def test_training_path_keeps_few_activations_for_the_backward():
 
     per_layer = (saved(4) - saved(2)) / 2  # the embedding, head and loss cancel out
     print(f"\nsaved for the backward: {per_layer:.1f} [C] bf16 vectors per token and layer")
-    assert per_layer <= 14.5, per_layer
+    assert per_layer <= 18.5, per_layer
 
 
 @pytest.mark.kernels
