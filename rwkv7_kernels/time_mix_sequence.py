@@ -109,8 +109,9 @@ def _after_wkv_kernel(o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, r_k_ptr, gn_w_ptr, gn_b
 
 @triton.jit
 def _after_wkv_bwd_kernel(dy_ptr, o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, r_k_ptr, gn_w_ptr, gn_b_ptr,
-                          do_ptr, dr_ptr, dk_ptr, dv_ptr, dg_ptr, dgn_w_ptr, dgn_b_ptr, dr_k_ptr, gn_eps, rows_total,
+                          do_ptr, dg_ptr, dgn_w_ptr, dgn_b_ptr, dr_k_ptr, gn_eps, rows_total,
                           C: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """do, dg and the parameters' sums; the bonus's gradients for r, k' and v' are _before_wkv_bwd_kernel's."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * N + tl.arange(0, N)
     at = rows.to(tl.int64)[:, None] * C + cols[None, :]
@@ -127,10 +128,7 @@ def _after_wkv_bwd_kernel(dy_ptr, o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, r_k_ptr, gn
     dz = dy * _tile(g_ptr, at, inside)
     tl.store(dgn_w_ptr + block, tl.sum(dz * on, 0))
     tl.store(dgn_b_ptr + block, tl.sum(dz, 0))
-    tl.store(dv_ptr + at, dz * bonus, mask=inside)
     d_bonus = tl.sum(dz * v, 1)[:, None]
-    tl.store(dr_ptr + at, d_bonus * k * r_k, mask=inside)
-    tl.store(dk_ptr + at, d_bonus * r * r_k, mask=inside)
     tl.store(dr_k_ptr + block, tl.sum(d_bonus * r * k, 0))
     d_on = dz * gn_w
     do = (d_on - (tl.sum(d_on, 1) / N)[:, None] - on * (tl.sum(d_on * on, 1) / N)[:, None]) * rstd[:, None]
@@ -139,34 +137,47 @@ def _after_wkv_bwd_kernel(dy_ptr, o_ptr, r_ptr, k_ptr, v_ptr, g_ptr, r_k_ptr, gn
 
 @triton.jit(do_not_specialize=["first_layer"])
 def _before_wkv_bwd_kernel(w_raw_ptr, k_ptr, v_ptr, a_raw_ptr, vg_ptr, vf_ptr, k_k_ptr, k_a_ptr, mask_ptr,
-                           dr_wkv_ptr, dw_ptr, dk_wkv_ptr, dv_wkv_ptr, da_wkv_ptr, db_wkv_ptr,
-                           dr_after_ptr, dk_after_ptr, dv_after_ptr,
-                           dr_ptr, dw_raw_ptr, dk_ptr, dv_ptr, da_raw_ptr, dvg_ptr, dvf_ptr, dk_k_ptr, dk_a_ptr,
-                           rows_total, first_layer,
+                           r_ptr, g_ptr, r_k_ptr, dy_ptr, dr_wkv_ptr, dw_ptr, dk_wkv_ptr, dv_wkv_ptr, da_wkv_ptr,
+                           db_wkv_ptr, dr_ptr, dw_raw_ptr, dk_ptr, dv_ptr, da_raw_ptr, dvg_ptr, dvf_ptr, dk_k_ptr,
+                           dk_a_ptr, rows_total, first_layer,
                            C: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr):
+    """The inputs' gradients from WKV-7's and from the bonus's (recomputed here from dy: dz = dy g)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * N + tl.arange(0, N)
     at = rows.to(tl.int64)[:, None] * C + cols[None, :]
     inside = (rows < rows_total)[:, None]
     block = tl.program_id(0) * C + cols
-    tl.store(dr_ptr + at, (_tile(dr_wkv_ptr, at, inside) + _tile(dr_after_ptr, at, inside)).to(dr_ptr.dtype.element_ty),
-             mask=inside)
     keep = tl.full((BLOCK_T, 1), 1.0, tl.float32)
     if HAS_MASK:
         keep = (tl.load(mask_ptr + rows, mask=rows < rows_total, other=0) != 0).to(tl.float32)[:, None]
     s = tl.sigmoid(_tile(w_raw_ptr, at, inside))
     dw_raw = _tile(dw_ptr, at, inside) * keep * -DECAY_SCALE * s * (1 - s)
     tl.store(dw_raw_ptr + at, dw_raw.to(dw_raw_ptr.dtype.element_ty), mask=inside)
-    # the key: k' = k (1 + (a - 1) k_a) and the normalised kk = u / |u| with u = k k_k
+    # k' = k (1 + (a - 1) k_a) and v' = v + (v_first - v) sigmoid(v_gate_raw) (v' = v in layer 0), rounded as the
+    # forward stored them, for the bonus: z = GroupNorm(o) + sum_per_head(r k' r_k) v'
     k = _tile(k_ptr, at, inside)
     a = tl.sigmoid(_tile(a_raw_ptr, at, inside))
     k_k, k_a = _channels(k_k_ptr, cols), _channels(k_a_ptr, cols)
+    k_new = (k * (1 + (a - 1) * k_a) * keep).to(k_ptr.dtype.element_ty).to(tl.float32)
+    v = _tile(v_ptr, at, inside)
+    v_new, v_gate, v_diff = v, tl.zeros_like(v), tl.zeros_like(v)  # (a run-time branch defines them in both)
+    if first_layer == 0:
+        v_gate = tl.sigmoid(_tile(vg_ptr, at, inside))
+        v_diff = _tile(vf_ptr, at, inside) - v
+        v_new = (v + v_diff * v_gate).to(v_ptr.dtype.element_ty).to(tl.float32)
+    r, r_k = _tile(r_ptr, at, inside), _channels(r_k_ptr, cols)
+    dz = _tile(dy_ptr, at, inside) * _tile(g_ptr, at, inside)
+    bonus = tl.sum(r * k_new * r_k, 1)[:, None]
+    d_bonus = tl.sum(dz * v_new, 1)[:, None]
+    tl.store(dr_ptr + at, (_tile(dr_wkv_ptr, at, inside) + d_bonus * k_new * r_k).to(dr_ptr.dtype.element_ty),
+             mask=inside)
+    # the key, with the normalised kk = u / |u|, u = k k_k
     u = k * k_k
     norm = tl.maximum(tl.sqrt(tl.sum(u * u, 1)), KK_EPS)[:, None]
     kk = u / norm
     d_wkv_b = _tile(db_wkv_ptr, at, inside) * keep
     dkk = d_wkv_b * a - _tile(da_wkv_ptr, at, inside) * keep
-    dk_new = (_tile(dk_wkv_ptr, at, inside) + _tile(dk_after_ptr, at, inside)) * keep
+    dk_new = (_tile(dk_wkv_ptr, at, inside) + d_bonus * r * r_k) * keep
     du = (dkk - kk * tl.sum(dkk * kk, 1)[:, None]) / norm
     dk = dk_new * (1 + (a - 1) * k_a) + du * k_k
     tl.store(dk_ptr + at, dk.to(dk_ptr.dtype.element_ty), mask=inside)
@@ -174,14 +185,12 @@ def _before_wkv_bwd_kernel(w_raw_ptr, k_ptr, v_ptr, a_raw_ptr, vg_ptr, vf_ptr, k
     tl.store(da_raw_ptr + at, (da * a * (1 - a)).to(da_raw_ptr.dtype.element_ty), mask=inside)
     tl.store(dk_k_ptr + block, tl.sum(du * k, 0))
     tl.store(dk_a_ptr + block, tl.sum(dk_new * k * (a - 1), 0))
-    # the value: v' = v + (v_first - v) sigmoid(v_gate_raw) after layer 0, v' = v in it
-    dv_new = _tile(dv_wkv_ptr, at, inside) + _tile(dv_after_ptr, at, inside)
+    # the value
+    dv_new = _tile(dv_wkv_ptr, at, inside) + dz * bonus
     if first_layer == 0:
-        s = tl.sigmoid(_tile(vg_ptr, at, inside))
-        v_diff = _tile(vf_ptr, at, inside) - _tile(v_ptr, at, inside)
-        tl.store(dvf_ptr + at, (dv_new * s).to(dvf_ptr.dtype.element_ty), mask=inside)
-        tl.store(dvg_ptr + at, (dv_new * v_diff * s * (1 - s)).to(dvg_ptr.dtype.element_ty), mask=inside)
-        dv_new = dv_new * (1 - s)
+        tl.store(dvf_ptr + at, (dv_new * v_gate).to(dvf_ptr.dtype.element_ty), mask=inside)
+        tl.store(dvg_ptr + at, (dv_new * v_diff * v_gate * (1 - v_gate)).to(dvg_ptr.dtype.element_ty), mask=inside)
+        dv_new = dv_new * (1 - v_gate)
     tl.store(dv_ptr + at, dv_new.to(dv_ptr.dtype.element_ty), mask=inside)
 
 
@@ -273,11 +282,9 @@ class _TimeMixSequence(torch.autograd.Function):
         # the parameters' gradients, summed per block of rows by the kernels, then over the blocks at once
         per_block = torch.empty(5, grid[0], C, dtype=torch.float32, device=r.device)
         dgn_w, dgn_b, dr_k, dk_k, dk_a = per_block
-        f32 = lambda: torch.empty(rows, C, dtype=torch.float32, device=r.device)  # noqa: E731
         do, dg = torch.empty_like(o), torch.empty_like(g)
-        dr_after, dk_after, dv_after = f32(), f32(), f32()
-        _after_wkv_bwd_kernel[grid](dy, o, r, k_new, v_new, g, r_k, gn_w, gn_b, do, dr_after, dk_after, dv_after, dg,
-                                    dgn_w, dgn_b, dr_k, ctx.gn_eps, rows, C=C, N=N, BLOCK_T=BLOCK_T_BWD, num_warps=4)
+        _after_wkv_bwd_kernel[grid](dy, o, r, k_new, v_new, g, r_k, gn_w, gn_b, do, dg, dgn_w, dgn_b, dr_k, ctx.gn_eps,
+                                    rows, C=C, N=N, BLOCK_T=BLOCK_T_BWD, num_warps=4)
         dr_wkv, dw, dk_wkv, dv_wkv, da_wkv, db_wkv, d_state = _chunk_backward(
             tuple(map(heads, (r, w, k_new, v_new, a_wkv, b_wkv))), saved, heads(do), d_final_state, ctx.has_state
         )
@@ -287,7 +294,7 @@ class _TimeMixSequence(torch.autograd.Function):
         dvg, dvf = (None, None) if first_layer else (torch.empty_like(vg), torch.empty_like(vf))
         _before_wkv_bwd_kernel[grid](
             w_raw, k, v, a_raw, v if first_layer else vg, v if first_layer else vf, k_k, k_a,
-            k if mask is None else mask, dr_wkv, dw, dk_wkv, dv_wkv, da_wkv, db_wkv, dr_after, dk_after, dv_after,
+            k if mask is None else mask, r, g, r_k, dy, dr_wkv, dw, dk_wkv, dv_wkv, da_wkv, db_wkv,
             dr, dw_raw, dk, dv, da_raw, dv if first_layer else dvg, dv if first_layer else dvf, dk_k, dk_a,
             rows, int(first_layer), C=C, N=N, BLOCK_T=BLOCK_T_BWD, HAS_MASK=mask is not None, num_warps=4,
         )
