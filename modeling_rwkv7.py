@@ -419,7 +419,7 @@ def _kernels_can_read_projections(model):
     head = model.get_output_embeddings()  # decoding runs the head's matrix-vector product in a kernel too
     if head is not None and not _is_plain_linear(head):
         return False
-    # every forward asks: a walk over _modules, several times faster than nested modules() generators
+    # every forward asks: a walk over _modules costs less than nested modules() generators
     below = [child for block in model.base_model.layers for child in block._modules.values()]
     while below:
         module = below.pop()
@@ -652,7 +652,7 @@ class LoRA(nn.Module):
 
     def up_input(self, hidden):
         """activation(hidden): the up-projection's input, given the down-projection's output x A."""
-        return self.lora[1](hidden)
+        return self.lora._modules["1"](hidden)
 
     def from_down(self, hidden):
         """activation(hidden) B (+ bias): the rest of the LoRA, given its down-projection's output x A."""

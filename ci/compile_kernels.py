@@ -45,6 +45,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import rwkv7_kernels  # noqa: E402
 from rwkv7_kernels import pdl, wkv7_chunk  # noqa: E402
 from rwkv7_kernels import TimeMixParams, decode_step  # noqa: E402
+from rwkv7_kernels import shift_mix_sequence as shift_mix  # noqa: E402
 from rwkv7_kernels.cross_entropy_rows import cross_entropy_rows  # noqa: E402
 from rwkv7_kernels.linear_decode import linear_row  # noqa: E402
 from rwkv7_kernels.norm_mix_linear_decode import norm_mix_linear_row  # noqa: E402
@@ -111,14 +112,27 @@ def shift_mix_training(dtype, B, T, C, mixes, cu_seqlens=None):
     sum(m.float().sum() for m in mixed).backward()
 
 
-def norm_shift_mix_linear_training(dtype, B, T, C, bias, last_grad):
-    """norm_shift_mix_linear forward and backward, with the LayerNorm's bias or without, the new prev's gradient
-    or not."""
+def norm_shift_mix_linear_training(dtype, B, T, C, bias, last_grad, cu_seqlens=None):
+    """norm_shift_mix_linear forward and backward, with the LayerNorm's bias or without, a gradient for the new prev
+    or none (training), rows or packed sequences (B = 1)."""
     x, prev = randn(B, T, C, dtype=dtype, grad=True), randn(B, C, dtype=dtype, grad=True)
     outs, last = norm_shift_mix_linear(x, randn(C, dtype=dtype, grad=True), randn(C, dtype=dtype, grad=True)
                                        if bias else None, 1e-5, prev, [randn(C, dtype=dtype, grad=True)] * 2,
-                                       [[randn(C, C, dtype=dtype, grad=True)], [randn(8, C, dtype=dtype, grad=True)]])
+                                       [[randn(C, C, dtype=dtype, grad=True)], [randn(8, C, dtype=dtype, grad=True)]],
+                                       cu_seqlens=cu_seqlens)
     (sum(o.float().sum() for o in outs) + (last.float().sum() if last_grad else 0)).backward()
+
+
+def shift_mix_float32_norm(B, T, C):
+    """The shift kernels' recomputation of a float32 LayerNorm of bf16 x, forward and backward: CUDA's autocast over
+    a bf16 model (its LayerNorm computes in float32; the CPU's autocast leaves it in bf16, so the public function
+    cannot show it here)."""
+    x, prev = randn(B * T, C, dtype=torch.bfloat16), randn(B, C, dtype=torch.bfloat16)
+    mixes = [randn(C, dtype=torch.bfloat16) for _ in range(6)]
+    norm = shift_mix.Norm(randn(B * T), randn(B * T), randn(C, dtype=torch.bfloat16), randn(C, dtype=torch.bfloat16),
+                          torch.float32)
+    mixed = shift_mix._shift_mix(x, prev, None, T, mixes, torch.bfloat16, norm)
+    shift_mix._shift_mix_backward(x, prev, None, T, mixes, mixed, False, norm)
 
 
 def norm_shift_mix_linear_autocast(B, T, C):
@@ -211,9 +225,12 @@ def workloads(dtype):
         ("shift/mix training", lambda: shift_mix_training(dtype, 2, 70, 1024, 6)),
         ("shift/mix training, packed", lambda: shift_mix_training(dtype, 1, 333, 2560, 1, cu_int32)),
         ("norm/shift/mix linear training", lambda: norm_shift_mix_linear_training(dtype, 2, 70, 1024, True, False)),
-        ("norm/shift/mix linear training, no bias, prev's gradient",
+        ("norm/shift/mix linear training, no bias, new prev's gradient",
          lambda: norm_shift_mix_linear_training(dtype, 2, 70, 1024, False, True)),
+        ("norm/shift/mix linear training, packed",
+         lambda: norm_shift_mix_linear_training(dtype, 1, 333, 2560, True, False, cu_int32)),
         ("norm/shift/mix linear training, autocast", lambda: norm_shift_mix_linear_autocast(2, 70, 1024)),
+        ("shift/mix of a float32 LayerNorm of bf16 x", lambda: shift_mix_float32_norm(2, 70, 1024)),
         ("relu^2 training", lambda: relu_square_training(dtype, False)),
         ("relu^2 training, autocast", lambda: relu_square_training(torch.float32, True)),
         ("cross entropy, World vocabulary", lambda: cross_entropy(dtype, 65536, True)),

@@ -196,6 +196,11 @@ def _shift_mix_backward(x, prev, starts, T, mixes, d_outs, prev_grad, norm=None,
     return dx, dprev, sums.sum(0)
 
 
+def _cast(tensors, dtype):
+    """`tensors` in dtype (None kept as None)."""
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
 def _as_gradients(sums, parameters):
     """The rows of `sums` as the gradients of `parameters` (of one dtype), in their shapes."""
     return [s.view_as(p) for s, p in zip(sums.to(parameters[0].dtype), parameters)]
@@ -231,12 +236,12 @@ class _NormShiftMixLinear(torch.autograd.Function):
         rows = x.reshape(B * T, C).contiguous()
         # computes as nn.LayerNorm's would (autocast's float32 where that is on), keeping its mean and 1 / std
         normed, mean, rstd = torch.native_layer_norm(rows, (C,), norm_weight, norm_bias, eps)
-        mean, rstd = mean.view(-1), rstd.view(-1)
         mixes, weights = mixes_and_weights[:-len(reads)], mixes_and_weights[-len(reads):]
         mixed = _shift_mix(normed, prev, starts, T, mixes, dtype)
         ctx.save_for_backward(rows, norm_weight, norm_bias, mean, rstd, prev, starts, *mixes_and_weights)
-        ctx.shape, ctx.eps, ctx.reads, ctx.dtype, ctx.norm_dtype = (B, T, C), eps, reads, dtype, normed.dtype
-        outs = tuple((mixed[m] @ w.T).view(B, T, -1) for m, w in zip(reads, _in(weights, dtype)))
+        ctx.shape, ctx.reads, ctx.dtype, ctx.norm_dtype = (B, T, C), reads, dtype, normed.dtype
+        ctx.set_materialize_grads(False)  # an output nothing reads (the new prev, in training) gets no gradient
+        outs = tuple((mixed[m] @ w.T).view(B, T, -1) for m, w in zip(reads, _cast(weights, dtype)))
         return (*outs, normed.view(B, T, C)[:, -1].clone())
 
     @staticmethod
@@ -245,34 +250,34 @@ class _NormShiftMixLinear(torch.autograd.Function):
         (B, T, C), reads, dtype = ctx.shape, ctx.reads, ctx.dtype
         *d_outs, d_last = d_outs
         mixes, weights = mixes_and_weights[:-len(reads)], mixes_and_weights[-len(reads):]
-        norm = Norm(mean, rstd, norm_weight, norm_bias, ctx.norm_dtype)
+        # the kernels take the statistics in float32, as CUDA's LayerNorm keeps them (the CPU's: in x's dtype)
+        norm = Norm(mean.view(-1).float(), rstd.view(-1).float(), norm_weight, norm_bias, ctx.norm_dtype)
         mixed = _shift_mix(x, prev, starts, T, mixes, dtype, norm)
         d_mixed = [None] * len(mixes)
         d_weights = []
         weight_grads = ctx.needs_input_grad[-len(reads):]
-        for m, w, d_out, weight_grad in zip(reads, _in(weights, dtype), d_outs, weight_grads):
+        for m, w, d_out, weight_grad in zip(reads, _cast(weights, dtype), d_outs, weight_grads):
+            if d_out is None:  # an output nothing reads
+                d_weights.append(None)
+                continue
             d_out = d_out.reshape(B * T, -1)
             d_weights.append(d_out.T @ mixed[m] if weight_grad else None)
             # a mix read by several layers sums their gradients in the product's epilogue
             d_mixed[m] = d_out @ w if d_mixed[m] is None else torch.addmm(d_mixed[m], d_out, w)
         del mixed
+        d_mixed = [torch.zeros_like(x, dtype=dtype) if d is None else d for d in d_mixed]
         d_normed, dprev, sums = _shift_mix_backward(x, prev, starts, T, mixes, d_mixed, ctx.needs_input_grad[4], norm,
                                                     d_last)
         dx = None
         if ctx.needs_input_grad[0]:  # the LayerNorm's backward for its input; its weight's and bias's are in sums
-            x_n, w_n, b_n = _in((x, norm_weight, norm_bias), ctx.norm_dtype)
-            dx, _, _ = torch.ops.aten.native_layer_norm_backward(d_normed, x_n, (C,), mean.view(-1, 1),
-                                                                 rstd.view(-1, 1), w_n, b_n, [True, False, False])
+            x_n, w_n, b_n = _cast((x, norm_weight, norm_bias), ctx.norm_dtype)
+            dx, _, _ = torch.ops.aten.native_layer_norm_backward(d_normed, x_n, (C,), mean, rstd, w_n, b_n,
+                                                                 [True, False, False])
             dx = dx.to(x.dtype).view(B, T, C)
         dw = sums[-2].to(norm_weight.dtype) if ctx.needs_input_grad[1] else None
         db = sums[-1].to(norm_bias.dtype) if ctx.needs_input_grad[2] else None
         d_weights = [None if d is None else d.to(w.dtype) for d, w in zip(d_weights, weights)]
         return (dx, dw, db, None, dprev, None, None, None, *_as_gradients(sums[:len(mixes)], mixes), *d_weights)
-
-
-def _in(tensors, dtype):
-    """`tensors` (None among them kept) in dtype."""
-    return [None if t is None else t.to(dtype) for t in tensors]
 
 
 def _packed_starts(cu_seqlens, rows, device):
@@ -314,6 +319,8 @@ def norm_shift_mix_linear(x, weight, bias, eps, prev, mixes, weights, attention_
     computes as nn.LayerNorm's and the lerps and products in the autocast dtype, as an nn.Linear's would.
     """
     _check(x, mixes, attention_mask, in_place)
+    if weight is None:
+        raise ValueError("norm_shift_mix_linear needs the LayerNorm's weight (nn.LayerNorm's elementwise_affine=True)")
     B, T, _ = x.shape
     dtype = linear_dtype(x)
     reads = tuple(m for m, read in enumerate(weights) for _ in read)

@@ -13,12 +13,13 @@ Math: ops_reference.time_mix_reference:
             and WKV-7's transition a_wkv = -kk, b_wkv = kk * a; a padded row (mask 0) has w = k' = kk = 0
     after   y = (GroupNorm_per_head(o) + sum_per_head(r * k' * r_k) * v') * g
 Backward, in the reverse order:
-    after   z = GroupNorm(o) + bonus v':  dg = dy z;  dz = dy g;  dv' = dz bonus;  dbonus = sum_per_head(dz v');
-            dr = dbonus k' r_k;  dk' = dbonus r r_k;  do = GroupNorm's backward of dz (gn_weight);
+    after   z = GroupNorm(o) + bonus v':  dg = dy z;  dz = dy g;  do = GroupNorm's backward of dz (gn_weight);
             per channel over rows: d gn_weight = sum(dz GroupNorm_unscaled(o)), d gn_bias = sum(dz),
-            d r_k = sum(dbonus r k')
-    WKV-7   wkv7_chunk's backward: dr, dw, dk', dv', da_wkv, db_wkv (added to the after-kernel's dr, dk', dv')
-    before  dkk = -da_wkv + db_wkv a;  da = db_wkv kk + dk' k k_a;  dk = dk' (1 + (a - 1) k_a) + k_k du, with
+            d r_k = sum(dbonus r k'), with dbonus = sum_per_head(dz v')
+    WKV-7   wkv7_chunk's backward: dr, dw, dk', dv', da_wkv, db_wkv
+    before  the bonus's terms added to WKV-7's (formed here from dy and g rather than stored by the after-kernel's
+            backward): dv' += dz bonus;  dr += dbonus k' r_k;  dk' += dbonus r r_k;  then
+            dkk = -da_wkv + db_wkv a;  da = db_wkv kk + dk' k k_a;  dk = dk' (1 + (a - 1) k_a) + k_k du, with
             du = (dkk - kk sum_per_head(dkk kk)) / |k k_k| the normalisation's backward;  d a_raw = da a (1 - a);
             d w_raw = dw (-exp(-0.5)) s (1 - s);  v' = v + (v_first - v) s: dv = dv' (1 - s), dv_first = dv' s,
             d v_gate_raw = dv' (v_first - v) s (1 - s);  per channel: d k_k = sum(du k), d k_a = sum(dk' k (a - 1))

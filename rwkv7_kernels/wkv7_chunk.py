@@ -421,9 +421,8 @@ def _chunk_forward(r, w, k, v, a, b, initial_state, output_final_state, cu_seqle
 
 
 def _chunk_backward(inputs, saved, do, dht, has_h0):
-    """The backward's three launches, from the forward's inputs (r, w, k, v,
-    a, b) and what it saved for the backward (_chunk_forward's third result without the inputs). Returns (dr, dw,
-    dk, dv, da, db, dh0 or None)."""
+    """The backward's three launches, from the forward's inputs (r, w, k, v, a, b) and what it saved for the
+    backward (_chunk_forward's third result without the inputs). Returns (dr, dw, dk, dv, da, db, dh0 or None)."""
     r, w, k, v, a, b = inputs
     Ti, Qr, M, egC, hs, cu_seqlens, chunks, coff = saved
     B, T, H, K = r.shape

@@ -290,6 +290,37 @@ def test_norm_shift_mix_linear_gradients_match_reference(dtype, packed, norm_bia
     check_shift_mix(out, ref_out, grads, ref_grads, dtype, packed)
 
 
+@pytest.mark.parametrize("read", ["first_output", "new_prev"])
+def test_norm_shift_mix_linear_outputs_nothing_reads(read):
+    """Outputs nothing reads get no gradient from autograd (None, not zeros): with only the first projection read, or
+    only the new prev (whose gradient the kernels then take alone), every gradient is float64's, zeros for what
+    nothing reads. Without the LayerNorm's weight: a clear error."""
+    B, T, C = (2, 37, 64) if DEVICE == "cpu" else (2, 300, 1024)
+    g = torch.Generator().manual_seed(11)
+    x, prev = 2 + 3 * torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    norm = layer_norm_parameters(C, g)
+    mix = [torch.rand(1, 1, C, generator=g) for _ in range(2)]
+    weights = [[torch.randn(C, C, generator=g) / C**0.5], [torch.randn(8, C, generator=g) / C**0.5]]
+
+    def run(fn, dt):
+        xs = leaves([x, prev, *norm, *mix], dt)
+        ws = [leaves(read, dt) for read in weights]
+        outs, last = fn(xs[0], xs[2], xs[3], 1e-5, xs[1], xs[4:], ws)
+        out = outs[0] if read == "first_output" else last
+        loss = (out.double() * torch.randn(out.shape, generator=torch.Generator().manual_seed(5),
+                                           dtype=torch.float64).to(out.device)).sum()
+        return torch.autograd.grad(loss, xs + [w for r in ws for w in r], allow_unused=True, materialize_grads=True)
+
+    ref_grads, grads = run(norm_shift_mix_linear_reference, torch.float64), run(norm_shift_mix_linear, torch.float32)
+    for grad, ref in zip(grads, ref_grads):
+        if bool((ref == 0).all()):
+            assert bool((grad == 0).all())
+        else:
+            assert rel(grad, ref) <= GRAD_BOUNDS[torch.float32], rel(grad, ref)
+    with pytest.raises(ValueError, match="LayerNorm's weight"):
+        norm_shift_mix_linear(x.to(DEVICE), None, None, 1e-5, prev.to(DEVICE), mix, weights)
+
+
 def test_norm_shift_mix_linear_under_autocast_computes_as_nn_modules():
     """Under autocast (float32 weights and input, bf16 products, as transformers' Trainer with bf16=True runs), the
     outputs are bf16 as an nn.Linear's, and the float32 gradients those of nn.LayerNorm, the lerps and nn.Linear
