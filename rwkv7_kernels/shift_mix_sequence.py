@@ -22,7 +22,7 @@ Shapes, layouts, dtypes:
     prev       : [B, C] contiguous
     mixes      : M vectors of C elements (M <= 7)
     starts     : [B * T] int8, 1 at the first token of each packed sequence, or none (rows are sequences)
-    mean, rstd : [B * T] (with a LayerNorm) float32 on CUDA
+    mean, rstd : [B * T] float32 (with a LayerNorm)
     mixed      : M tensors [B * T, C] in x's dtype; dx like x (with a LayerNorm: in its output's dtype); the
                  per-channel sums (dmixes, d weight, d bias) per block of rows in float32 ([blocks, M (+ 2), C]),
                  then over blocks
@@ -143,8 +143,8 @@ def _pointers(tensors):
 
 
 class Norm(NamedTuple):
-    """The LayerNorm whose input x the kernels take, as native_layer_norm left it: its rows' mean and 1 / std ([rows]
-    float32; the input's dtype on the CPU), its weight and bias (or None), and the dtype of its output."""
+    """The LayerNorm whose input x the kernels take: its rows' mean and 1 / std ([rows] float32, from
+    native_layer_norm), its weight and bias (or None), and the dtype of its output."""
 
     mean: torch.Tensor
     rstd: torch.Tensor
