@@ -34,3 +34,9 @@ def launch_device(x):
     """The device context a launch on x's device needs: Triton launches on the current CUDA device. On the CPU
     (Triton's interpreter) a context that changes nothing."""
     return torch.cuda.device(x.device if x.is_cuda else -1)
+
+
+def as_gradients(sums, parameters):
+    """The rows of `sums` (per-channel sums a kernel formed in float32) as the gradients of `parameters` (of one
+    dtype), in their shapes: one conversion for all of them."""
+    return [s.view_as(p) for s, p in zip(sums.to(parameters[0].dtype), parameters)]

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import launch_device, linear_dtype
+from .common import as_gradients, launch_device, linear_dtype
 
 MAX_MIXES = 7
 BLOCK_T = 32
@@ -201,11 +201,6 @@ def _cast(tensors, dtype):
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
-def _as_gradients(sums, parameters):
-    """The rows of `sums` as the gradients of `parameters` (of one dtype), in their shapes."""
-    return [s.view_as(p) for s, p in zip(sums.to(parameters[0].dtype), parameters)]
-
-
 # The autograd Functions take x [B, T, C] and return [B, T, N] tensors; they run on [B * T, C] rows, reshaped here
 # out of autograd's sight (fewer autograd nodes: less time on the CPU).
 
@@ -223,7 +218,7 @@ class _ShiftMixSequence(torch.autograd.Function):
         x, prev, starts, *mixes = ctx.saved_tensors
         B, T, C = d_outs[0].shape
         dx, dprev, sums = _shift_mix_backward(x, prev, starts, T, mixes, d_outs, ctx.needs_input_grad[1])
-        return (dx.view(B, T, C), dprev, None, *_as_gradients(sums, mixes))
+        return (dx.view(B, T, C), dprev, None, *as_gradients(sums, mixes))
 
 
 class _NormShiftMixLinear(torch.autograd.Function):
@@ -277,7 +272,7 @@ class _NormShiftMixLinear(torch.autograd.Function):
         dw = sums[-2].to(norm_weight.dtype) if ctx.needs_input_grad[1] else None
         db = sums[-1].to(norm_bias.dtype) if ctx.needs_input_grad[2] else None
         d_weights = [None if d is None else d.to(w.dtype) for d, w in zip(d_weights, weights)]
-        return (dx, dw, db, None, dprev, None, None, None, *_as_gradients(sums[:len(mixes)], mixes), *d_weights)
+        return (dx, dw, db, None, dprev, None, None, None, *as_gradients(sums[:len(mixes)], mixes), *d_weights)
 
 
 def _packed_starts(cu_seqlens, rows, device):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import launch_device
+from .common import as_gradients, launch_device
 from .triton_helpers import DECAY_SCALE, KK_EPS
 from .wkv7_chunk import _chunk_backward, _chunk_forward
 
@@ -299,10 +299,9 @@ class _TimeMixSequence(torch.autograd.Function):
             dr, dw_raw, dk, dv, da_raw, dv if first_layer else dvg, dv if first_layer else dvf, dk_k, dk_a,
             rows, int(first_layer), C=C, N=N, BLOCK_T=BLOCK_T_BWD, HAS_MASK=mask is not None, num_warps=4,
         )
-        dgn_w, dgn_b, dr_k, dk_k, dk_a = per_block.sum(1).to(k_k.dtype)  # the parameters share a dtype
-        sums = [d.view_as(p) for d, p in ((dk_k, k_k), (dk_a, k_a), (dr_k, r_k), (dgn_w, gn_w), (dgn_b, gn_b))]
+        dgn_w, dgn_b, dr_k, dk_k, dk_a = as_gradients(per_block.sum(1), (gn_w, gn_b, r_k, k_k, k_a))
         grads = [None if d is None else d.view(B, T, C) for d in (dr, dw_raw, dk, dv, da_raw, dvg, dvf, dg)]
-        return (*grads, *sums, None, d_state, None, None, None, None)
+        return (*grads, dk_k, dk_a, dr_k, dgn_w, dgn_b, None, d_state, None, None, None, None)
 
 
 def time_mix_sequence(r, w_raw, k, v, a_raw, v_gate_raw, v_first, g, params, state=None, attention_mask=None,
