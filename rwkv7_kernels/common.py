@@ -36,7 +36,13 @@ def launch_device(x):
     return torch.cuda.device(x.device if x.is_cuda else -1)
 
 
+def cast(t, dtype):
+    """t in dtype, None kept: t itself where it is in dtype already (Tensor.to would return it too, but costs a
+    dispatch on the CPU, in every training step's hundreds of calls)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def as_gradients(sums, parameters):
     """The rows of `sums` (per-channel sums a kernel formed in float32) as the gradients of `parameters` (of one
     dtype), in their shapes: one conversion for all of them."""
-    return [s.view_as(p) for s, p in zip(sums.to(parameters[0].dtype), parameters)]
+    return [s.view_as(p) for s, p in zip(cast(sums, parameters[0].dtype), parameters)]

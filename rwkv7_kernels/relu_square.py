@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import launch_device, linear_dtype
+from .common import cast, launch_device, linear_dtype
 
 BLOCK = 4096
 
@@ -74,15 +74,15 @@ class _ReluSquareLinear(torch.autograd.Function):
     def forward(ctx, k, weight, dtype):
         ctx.save_for_backward(k, weight)
         ctx.dtype = dtype
-        return _square(k, dtype) @ weight.to(dtype).T
+        return _square(k, dtype) @ cast(weight, dtype).T
 
     @staticmethod
     def backward(ctx, d_out):
         k, weight = ctx.saved_tensors
-        dy = d_out @ weight.to(ctx.dtype)
+        dy = d_out @ cast(weight, ctx.dtype)
         y = torch.empty(k.shape, dtype=ctx.dtype, device=k.device) if ctx.needs_input_grad[1] else None
         d_k = _backward(k, dy, dy if dy.dtype == k.dtype else torch.empty_like(k), y)
-        d_weight = None if y is None else (d_out.T @ y).to(weight.dtype)
+        d_weight = None if y is None else cast(d_out.T @ y, weight.dtype)
         return d_k, d_weight, None
 
 

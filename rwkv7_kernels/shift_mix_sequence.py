@@ -23,7 +23,7 @@ Shapes, layouts, dtypes:
     mixes      : M vectors of C elements (M <= 7)
     starts     : [B * T] int8, 1 at the first token of each packed sequence, or none (rows are sequences)
     mean, rstd : [B * T] float32 (with a LayerNorm)
-    mixed      : M tensors [B * T, C] in x's dtype; dx like x (with a LayerNorm: in its output's dtype); the
+    mixed      : [M, B * T, C] in x's dtype (one buffer); dx like x (with a LayerNorm: in its output's dtype); the
                  per-channel sums (dmixes, d weight, d bias) per block of rows in float32 ([blocks, M (+ 2), C]),
                  then over blocks
 Computed in float32. One program per (block of BLOCK_T rows, block of BLOCK_C channels): nothing here reduces over
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import as_gradients, launch_device, linear_dtype
+from .common import as_gradients, cast, launch_device, linear_dtype
 
 MAX_MIXES = 7
 BLOCK_T = 32
@@ -90,25 +90,28 @@ def _tile(x_ptr, prev_ptr, starts_ptr, norm, rows_total, T, C, BLOCK_T: tl.const
     return rows, cols, inside, at, x, x_prev - x, first, x_hat
 
 
-@triton.jit(do_not_specialize=["T", "M"])  # Triton compiles an int equal to 1 into a kernel of its own
-def _shift_mix_fwd_kernel(x_ptr, prev_ptr, starts_ptr, norm, mixes, outs, rows_total, T, C, M,
+# Triton compiles an int equal to 1 into a kernel of its own; rows_total also offsets the outputs in int64
+@triton.jit(do_not_specialize=["T", "rows_total"])
+def _shift_mix_fwd_kernel(x_ptr, prev_ptr, starts_ptr, norm, mixes, out_ptr, rows_total, T, C,
                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PACKED: tl.constexpr, NORM: tl.constexpr,
                           NORM_BIAS: tl.constexpr, NORM_DTYPE: tl.constexpr):
+    """The lerps into out [M, rows, C], M = len(mixes)."""
     rows, cols, inside, at, x, delta, _, _ = _tile(x_ptr, prev_ptr, starts_ptr, norm, rows_total, T, C, BLOCK_T,
                                                    BLOCK_C, PACKED, NORM, NORM_BIAS, NORM_DTYPE)
-    for m in tl.static_range(len(mixes)):  # always MAX_MIXES pointers, M of them used
-        if m < M:
-            mix = tl.load(mixes[m] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
-            tl.store(outs[m] + at, (x + delta * mix).to(outs[m].dtype.element_ty), mask=inside)
+    for m in tl.static_range(len(mixes)):
+        mix = tl.load(mixes[m] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + m * rows_total.to(tl.int64) * C
+        tl.store(out + at, (x + delta * mix).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit(do_not_specialize=["T", "M"])
+@triton.jit(do_not_specialize=["T"])
 def _shift_mix_bwd_kernel(x_ptr, prev_ptr, starts_ptr, norm, mixes, d_outs, d_last_ptr, dx_ptr, dprev_ptr, sums_ptr,
-                          rows_total, T, C, M, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PACKED: tl.constexpr,
+                          rows_total, T, C, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PACKED: tl.constexpr,
                           NORM: tl.constexpr, NORM_BIAS: tl.constexpr, NORM_DTYPE: tl.constexpr,
                           PREV_GRAD: tl.constexpr, LAST_GRAD: tl.constexpr):
     """dx (with NORM: the gradient of the LayerNorm's output), dprev, and per-channel sums over this block's rows: the
-    mixes' gradients, then with NORM those of the LayerNorm's weight and bias (sum dx x_hat, sum dx)."""
+    mixes' gradients (M = len(mixes)), then with NORM those of the LayerNorm's weight and bias (sum dx x_hat,
+    sum dx)."""
     rows, cols, inside, at, x, delta, first, x_hat = _tile(x_ptr, prev_ptr, starts_ptr, norm, rows_total, T, C,
                                                            BLOCK_T, BLOCK_C, PACKED, NORM, NORM_BIAS, NORM_DTYPE)
     # the next row reads this one as its x_prev unless it starts a row or a packed sequence
@@ -116,15 +119,15 @@ def _shift_mix_bwd_kernel(x_ptr, prev_ptr, starts_ptr, norm, mixes, d_outs, d_la
     next_inside = inside & ((nexts < rows_total) & ~_starts(starts_ptr, nexts, rows_total, T, PACKED))[:, None]
     dx = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
     d_prev = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
+    M: tl.constexpr = len(mixes)
     sums = sums_ptr + (tl.program_id(0) * (M + 2 * NORM)) * C + cols  # this block's row of sums per channel
-    for m in tl.static_range(len(d_outs)):
-        if m < M:
-            mix = tl.load(mixes[m] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
-            d_out = tl.load(d_outs[m] + at, mask=inside, other=0.0).to(tl.float32)
-            d_next = tl.load(d_outs[m] + at + C, mask=next_inside, other=0.0).to(tl.float32)
-            dx += d_out * (1 - mix) + d_next * mix
-            d_prev += d_out * mix
-            tl.store(sums + m * C, tl.sum(d_out * delta, 0), mask=cols < C)
+    for m in tl.static_range(M):
+        mix = tl.load(mixes[m] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+        d_out = tl.load(d_outs[m] + at, mask=inside, other=0.0).to(tl.float32)
+        d_next = tl.load(d_outs[m] + at + C, mask=next_inside, other=0.0).to(tl.float32)
+        dx += d_out * (1 - mix) + d_next * mix
+        d_prev += d_out * mix
+        tl.store(sums + m * C, tl.sum(d_out * delta, 0), mask=cols < C)
     if LAST_GRAD:  # the new prev is x (normalised) of each row's last token
         at_last = (rows // T).to(tl.int64)[:, None] * C + cols[None, :]
         dx += tl.load(d_last_ptr + at_last, mask=inside & ((rows % T) == T - 1)[:, None], other=0.0).to(tl.float32)
@@ -135,11 +138,6 @@ def _shift_mix_bwd_kernel(x_ptr, prev_ptr, starts_ptr, norm, mixes, d_outs, d_la
     if PREV_GRAD:  # a row's first token read prev
         at_prev = (rows // T).to(tl.int64)[:, None] * C + cols[None, :]
         tl.store(dprev_ptr + at_prev, d_prev.to(dprev_ptr.dtype.element_ty), mask=inside & first[:, None])
-
-
-def _pointers(tensors):
-    """Always MAX_MIXES pointers (the unused ones repeat the first): one compiled kernel serves both mixes."""
-    return tuple(tensors) + tuple(tensors[:1]) * (MAX_MIXES - len(tensors))
 
 
 class Norm(NamedTuple):
@@ -167,12 +165,12 @@ def _norm_arguments(x, norm):
 def _shift_mix(x, prev, starts, T, mixes, dtype, norm=None):
     """The M lerps [B * T, C] in dtype, of x or of its LayerNorm `norm`: the forward kernel's launch."""
     rows, C = x.shape
-    outs = [torch.empty(rows, C, dtype=dtype, device=x.device) for _ in mixes]
+    out = torch.empty(len(mixes), rows, C, dtype=dtype, device=x.device)  # one buffer: one pointer to launch with
     grid = (triton.cdiv(rows, BLOCK_T), triton.cdiv(C, BLOCK_C))
-    _shift_mix_fwd_kernel[grid](x, prev, x if starts is None else starts, mixes=_pointers(mixes), outs=_pointers(outs),
-                                rows_total=rows, T=T, C=C, M=len(mixes), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
-                                PACKED=starts is not None, num_warps=4, **_norm_arguments(x, norm))
-    return outs
+    _shift_mix_fwd_kernel[grid](x, prev, x if starts is None else starts, mixes=tuple(mixes), out_ptr=out,
+                                rows_total=rows, T=T, C=C, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, PACKED=starts is not None,
+                                num_warps=4, **_norm_arguments(x, norm))
+    return out.unbind(0)
 
 
 def _shift_mix_backward(x, prev, starts, T, mixes, d_outs, prev_grad, norm=None, d_last=None):
@@ -185,10 +183,10 @@ def _shift_mix_backward(x, prev, starts, T, mixes, d_outs, prev_grad, norm=None,
     dx = torch.empty_like(x, dtype=x.dtype if norm is None else norm.dtype)
     dprev = torch.empty_like(prev) if prev_grad and starts is None else None
     sums = torch.empty(grid[0], len(mixes) + (0 if norm is None else 2), C, dtype=torch.float32, device=x.device)
-    _shift_mix_bwd_kernel[grid](x, prev, x if starts is None else starts, mixes=_pointers(mixes),
-                                d_outs=_pointers(d_outs), d_last_ptr=x if d_last is None else d_last.contiguous(),
+    _shift_mix_bwd_kernel[grid](x, prev, x if starts is None else starts, mixes=tuple(mixes),
+                                d_outs=tuple(d_outs), d_last_ptr=x if d_last is None else d_last.contiguous(),
                                 dx_ptr=dx, dprev_ptr=prev if dprev is None else dprev, sums_ptr=sums, rows_total=rows,
-                                T=T, C=C, M=len(mixes), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, PACKED=starts is not None,
+                                T=T, C=C, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, PACKED=starts is not None,
                                 PREV_GRAD=dprev is not None, LAST_GRAD=d_last is not None, num_warps=4,
                                 **_norm_arguments(x, norm))
     if prev_grad and dprev is None:  # packed sequences start from zeros, not from prev
@@ -198,7 +196,7 @@ def _shift_mix_backward(x, prev, starts, T, mixes, d_outs, prev_grad, norm=None,
 
 def _cast(tensors, dtype):
     """`tensors` in dtype (None kept as None)."""
-    return [None if t is None else t.to(dtype) for t in tensors]
+    return [cast(t, dtype) for t in tensors]
 
 
 # The autograd Functions take x [B, T, C] and return [B, T, N] tensors; they run on [B * T, C] rows, reshaped here
@@ -268,10 +266,10 @@ class _NormShiftMixLinear(torch.autograd.Function):
             x_n, w_n, b_n = _cast((x, norm_weight, norm_bias), ctx.norm_dtype)
             dx, _, _ = torch.ops.aten.native_layer_norm_backward(d_normed, x_n, (C,), mean, rstd, w_n, b_n,
                                                                  [True, False, False])
-            dx = dx.to(x.dtype).view(B, T, C)
-        dw = sums[-2].to(norm_weight.dtype) if ctx.needs_input_grad[1] else None
-        db = sums[-1].to(norm_bias.dtype) if ctx.needs_input_grad[2] else None
-        d_weights = [None if d is None else d.to(w.dtype) for d, w in zip(d_weights, weights)]
+            dx = cast(dx, x.dtype).view(B, T, C)
+        dw = cast(sums[-2], norm_weight.dtype) if ctx.needs_input_grad[1] else None
+        db = cast(sums[-1], norm_bias.dtype) if ctx.needs_input_grad[2] else None
+        d_weights = [None if d is None else cast(d, w.dtype) for d, w in zip(d_weights, weights)]
         return (dx, dw, db, None, dprev, None, None, None, *as_gradients(sums[:len(mixes)], mixes), *d_weights)
 
 

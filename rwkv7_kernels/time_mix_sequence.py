@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import as_gradients, launch_device
+from .common import as_gradients, cast, launch_device
 from .triton_helpers import DECAY_SCALE, KK_EPS
 from .wkv7_chunk import _chunk_backward, _chunk_forward
 
@@ -231,7 +231,7 @@ def _kept(tensors, dtypes, recompute, rows):
     for i, (dtype, recomputed) in enumerate(zip(dtypes, recompute)):
         x, weight, bias = tensors[3 * i:3 * i + 3]
         if recomputed:
-            x = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).reshape(rows, -1)
+            x = F.linear(cast(x, dtype), cast(weight, dtype), cast(bias, dtype)).reshape(rows, -1)
         inputs.append(x)
     return inputs
 
