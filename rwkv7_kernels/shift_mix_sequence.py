@@ -269,7 +269,7 @@ class _NormShiftMixLinear(torch.autograd.Function):
             dx = cast(dx, x.dtype).view(B, T, C)
         dw = cast(sums[-2], norm_weight.dtype) if ctx.needs_input_grad[1] else None
         db = cast(sums[-1], norm_bias.dtype) if ctx.needs_input_grad[2] else None
-        d_weights = [None if d is None else cast(d, w.dtype) for d, w in zip(d_weights, weights)]
+        d_weights = [cast(d, w.dtype) for d, w in zip(d_weights, weights)]
         return (dx, dw, db, None, dprev, None, None, None, *as_gradients(sums[:len(mixes)], mixes), *d_weights)
 
 
